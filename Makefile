@@ -1,0 +1,38 @@
+# The two commands: `make serve` (ViT-g/14 from deploy/) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEV_MODEL := .dev-model/tiny-clip
+
+.PHONY: install serve serve-dev serve-gpu test clean
+
+install: $(STAMP)
+
+# Everything comes from the package registry (torch/torchvision from this machine's pip cache/disk when present).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+# Serves the default ViT-g/14 (weights from the Hugging Face hub, or its local cache).
+serve: install
+	@$(PY) -c "from serve_app.modeling import load_model_config as c; c('hf-hub:laion/CLIP-ViT-g-14-laion2B-s34B-b88K')" >/dev/null 2>&1 || { \
+	  echo "make serve: cannot fetch laion/CLIP-ViT-g-14-laion2B-s34B-b88K from the Hugging Face hub (offline?)." >&2; \
+	  echo "Try 'make serve-dev' for a tiny random model that needs no download." >&2; exit 1; }
+	$(VENV)/bin/serve run deploy/local-cpu.yaml
+
+serve-gpu: install
+	$(VENV)/bin/serve run deploy/local-gpu.yaml
+
+# A tiny random model written on the fly: fully offline, for trying the API.
+serve-dev: install
+	test -f $(DEV_MODEL)/open_clip_config.json || $(PY) -m serve_app.dev_model $(DEV_MODEL)
+	$(VENV)/bin/serve run deploy/dev.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .dev-model .pytest_cache

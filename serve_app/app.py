@@ -1,0 +1,34 @@
+"""`serve_app.app:build_app`, the single import path: YAML/CLI args -> `AppArgs` -> a bound application.
+
+    serve run serve_app.app:build_app model=local-dir:/tmp/m served_model_name=tiny
+    serve run deploy/local-cpu.yaml
+"""
+
+from typing import Any
+
+from ray.serve import Application
+
+from serve_app.config import AppArgs
+from serve_app.encoder import ClipEncoder
+from serve_app.ingress import OpenAIIngress
+from serve_app.preprocess import Preprocessor
+
+
+def build_app(args: AppArgs) -> Application:
+    """Binds one Preprocessor pool, one ClipEncoder pool per model, and the OpenAIIngress in front."""
+    if not isinstance(args, AppArgs):
+        args = AppArgs.model_validate(args or {})
+    specs = args.model_specs()
+    encoders: dict[str, Any] = {}
+    for spec in specs:
+        encoder_options = spec.encoder.deployment_options()
+        encoder_options.setdefault("ray_actor_options", {}).setdefault("num_gpus", 0)
+        encoders[spec.name] = ClipEncoder.options(
+            name=f"ClipEncoder-{spec.slug}",
+            user_config=spec.batching.model_dump(),
+            **encoder_options,
+        ).bind(spec)
+    preprocessor = Preprocessor.options(**args.preprocessor.deployment_options()).bind(specs, args.image_limits)
+    return OpenAIIngress.options(**args.ingress.deployment_options()).bind(
+        preprocessor, encoders, specs, args.max_inputs_per_request
+    )

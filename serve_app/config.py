@@ -1,0 +1,178 @@
+"""Configuration enters once: the YAML/CLI `args` of `build_app`, validated by these models.
+
+Per-pool settings (replicas or Ray's `autoscaling_config`, CPUs, GPUs, `max_ongoing_requests`) sit in one
+`PoolSettings` per deployment so that autoscaling can be tuned per pool without touching code.
+"""
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_MODEL = "hf-hub:laion/CLIP-ViT-g-14-laion2B-s34B-b88K"
+
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class StrictModel(BaseModel):
+    """Configuration typos are errors: an unknown key fails at `serve run`, not silently at 3 a.m."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class PoolSettings(StrictModel):
+    """Ray Serve options of one deployment (a pool of replicas)."""
+
+    num_replicas: int | Literal["auto"] | None = None
+    autoscaling_config: dict[str, Any] | None = None
+    max_ongoing_requests: int | None = None
+    max_queued_requests: int | None = None
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    memory: int | None = Field(default=None, description="bytes reserved per replica (Ray resource)")
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options(...)`, leaving Ray's defaults where unset."""
+        options: dict[str, Any] = {}
+        if self.autoscaling_config is not None:
+            options["autoscaling_config"] = self.autoscaling_config
+        if self.num_replicas is not None:
+            options["num_replicas"] = self.num_replicas
+        for key in ("max_ongoing_requests", "max_queued_requests"):
+            value = getattr(self, key)
+            if value is not None:
+                options[key] = value
+        actor = {
+            k: v for k, v in (("num_cpus", self.num_cpus), ("num_gpus", self.num_gpus), ("memory", self.memory))
+            if v is not None
+        }
+        if actor:
+            options["ray_actor_options"] = actor
+        return options
+
+    @model_validator(mode="after")
+    def _replicas_xor_autoscaling(self) -> "PoolSettings":
+        if self.autoscaling_config is not None and self.num_replicas not in (None, "auto"):
+            raise ValueError("set either num_replicas or autoscaling_config, not both")
+        return self
+
+
+class BatchSettings(StrictModel):
+    """Dynamic batching of one encoder; changeable at run time through `user_config`."""
+
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0.0, le=10.0)
+    text_max_batch_size: int = Field(default=64, ge=1, le=4096)
+    text_batch_wait_timeout_s: float = Field(default=0.005, ge=0.0, le=10.0)
+
+
+def _default_encoder_pool() -> PoolSettings:
+    return PoolSettings(num_replicas=1, max_ongoing_requests=256, num_cpus=1, num_gpus=0)
+
+
+class ModelSpec(StrictModel):
+    """One served model: where its weights come from, how it runs, and its own encoder pool."""
+
+    model: str = Field(default=DEFAULT_MODEL, description="open_clip id: hf-hub:org/repo, local-dir:/path or a name")
+    pretrained: str | None = Field(default=None, description="pretrained tag, for built-in names only")
+    served_model_name: str | None = Field(default=None, description="what clients send as `model`")
+    device: Device = "auto"
+    precision: Precision = "auto"
+    torch_threads: int | None = Field(default=None, ge=1, description="intra-op CPU threads of an encoder")
+    batching: BatchSettings = Field(default_factory=BatchSettings)
+    encoder: PoolSettings = Field(default_factory=_default_encoder_pool)
+    health_max_age_s: float = Field(default=30.0, gt=0, description="/health probes an encoder idle longer")
+
+    @field_validator("model")
+    @classmethod
+    def _absolute_local_dir(cls, model: str) -> str:
+        """Replicas may run in another working directory: pin `local-dir:` paths where the app is built."""
+        if model.startswith("local-dir:"):
+            return "local-dir:" + str(Path(model[len("local-dir:"):]).expanduser().resolve())
+        return model
+
+    @property
+    def name(self) -> str:
+        """The served name: explicit, else the hub repo id, the directory name, or name/tag."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model.startswith("hf-hub:"):
+            return self.model[len("hf-hub:"):]
+        if self.model.startswith("local-dir:"):
+            return self.model.rstrip("/").rsplit("/", 1)[-1]
+        return f"{self.model}/{self.pretrained}" if self.pretrained else self.model
+
+    @property
+    def slug(self) -> str:
+        """A deployment-name-safe form of the served name."""
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", self.name).strip("-")
+
+
+class ImageLimits(StrictModel):
+    max_image_pixels: int = Field(default=50_000_000, ge=1, description="width*height cap, checked before decoding")
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="encoded size cap per image")
+
+
+class AppArgs(StrictModel):
+    """Arguments of `serve_app.app:build_app` (YAML `args:` or `serve run ... key=value`).
+
+    The top-level model fields describe a single model; `models` lists several and then wins.
+    """
+
+    # one model, flat (what `serve run ... model=... served_model_name=...` sets)
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = None
+    served_model_name: str | None = None
+    device: Device = "auto"
+    precision: Precision = "auto"
+    torch_threads: int | None = Field(default=None, ge=1)
+    max_batch_size: int | None = Field(default=None, ge=1)
+    batch_wait_timeout_s: float | None = Field(default=None, ge=0.0)
+    encoder: PoolSettings | None = None
+    # several models
+    models: list[ModelSpec] | None = None
+    # shared pools and limits
+    preprocessor: PoolSettings = Field(
+        default_factory=lambda: PoolSettings(num_replicas=1, max_ongoing_requests=64, num_cpus=1)
+    )
+    ingress: PoolSettings = Field(
+        default_factory=lambda: PoolSettings(num_replicas=1, max_ongoing_requests=256, num_cpus=0.5)
+    )
+    max_inputs_per_request: int = Field(default=2048, ge=1)
+    image_limits: ImageLimits = Field(default_factory=ImageLimits)
+
+    def model_specs(self) -> list[ModelSpec]:
+        if self.models:
+            specs = self.models
+        else:
+            batching = BatchSettings()
+            if self.max_batch_size is not None:
+                batching.max_batch_size = self.max_batch_size
+            if self.batch_wait_timeout_s is not None:
+                batching.batch_wait_timeout_s = self.batch_wait_timeout_s
+            spec = ModelSpec(
+                model=self.model,
+                pretrained=self.pretrained,
+                served_model_name=self.served_model_name,
+                device=self.device,
+                precision=self.precision,
+                torch_threads=self.torch_threads,
+                batching=batching,
+            )
+            if self.encoder is not None:
+                spec.encoder = self.encoder
+            specs = [spec]
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"served model names must be unique, got {names}")
+        slugs = [s.slug for s in specs]
+        if len(set(slugs)) != len(slugs):
+            raise ValueError(f"served model names {names} collide once made deployment-name safe")
+        return specs
+
+    @model_validator(mode="after")
+    def _check_models(self) -> "AppArgs":
+        self.model_specs()
+        return self

@@ -1,0 +1,215 @@
+"""ClipEncoder deployment (GPU pool, CPU fallback): uint8 pixels and token ids in, unit vectors out.
+
+One replica loads one open_clip model once. Images and texts have separate `@serve.batch` queues; a call
+carries a whole request's rows and the queue counts rows (`batch_size_fn`), so batches fill by items, not
+by calls. The forward pass runs on one worker thread, off the event loop, under `torch.inference_mode()`.
+"""
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ray import serve
+
+from serve_app import metrics
+from serve_app.config import BatchSettings, ModelSpec
+from serve_app.errors import InvalidRequest, ServeAppError, Unavailable
+from serve_app.modeling import encode_text, load_model, resolve_device, resolve_precision
+
+logger = logging.getLogger("ray.serve")
+
+# A replica that fails this many forward passes in a row, with no success between, reports itself
+# unhealthy so that Ray Serve replaces it.
+MAX_CONSECUTIVE_FAILURES = 3
+
+
+@dataclass
+class _Rows:
+    """One call's share of a batch: its rows and when it was enqueued (for the queue-wait metric)."""
+
+    data: torch.Tensor
+    enqueued: float
+
+
+def _count_rows(items: list[_Rows]) -> int:
+    return sum(len(item.data) for item in items)
+
+
+class EncoderCore:
+    """The model and its forward passes, usable outside Ray (the benchmark's bare mode uses it too)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        import open_clip
+        from open_clip.model import get_model_preprocess_cfg
+
+        if spec.torch_threads:
+            torch.set_num_threads(spec.torch_threads)
+        self.device = resolve_device(spec.device)
+        self.precision = resolve_precision(spec.precision, self.device)
+        started = time.perf_counter()
+        self.model = load_model(spec, self.device, self.precision)
+        self.load_seconds = time.perf_counter() - started
+        self.input_dtype = open_clip.get_input_dtype(self.precision) or torch.float32
+        cfg = get_model_preprocess_cfg(self.model)
+        size = cfg["size"]
+        self.image_size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+        self.mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(cfg["std"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.context_length = int(self.model.context_length)
+
+    def check_pixels(self, pixels: torch.Tensor) -> None:
+        expected = (3, *self.image_size)
+        if pixels.dtype != torch.uint8 or pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
+            raise InvalidRequest(f"pixels must be uint8 (N, {expected}), got {pixels.dtype} {tuple(pixels.shape)}")
+
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        if tokens.dtype not in (torch.int64, torch.int32) or tokens.ndim != 2 or tokens.shape[1] > self.context_length:
+            raise InvalidRequest(f"tokens must be integer (N, <= {self.context_length}), got {tuple(tokens.shape)}")
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
+        """open_clip's ToTensor + Normalize on the device, then `encode_image(normalize=True)`."""
+        x = pixels.to(self.device, non_blocking=True).to(torch.float32).div_(255)
+        x = x.sub_(self.mean).div_(self.std).to(self.input_dtype)
+        return self.model.encode_image(x, normalize=True).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def encode_texts(self, tokens: torch.Tensor) -> np.ndarray:
+        return encode_text(self.model, tokens.to(self.device, dtype=torch.long)).float().cpu().numpy()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
+class ClipEncoder:
+    def __init__(self, spec: ModelSpec) -> None:
+        self._spec = spec
+        self._core = EncoderCore(spec)
+        self._batching = spec.batching
+        # One thread: forward passes of the two queues never compete for the same cores or device.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._last_success: float | None = None
+        self._consecutive_failures = 0
+        self._warm_up()
+        logger.info(
+            "ClipEncoder %s ready on %s/%s in %.1fs", spec.name, self._core.device, self._core.precision,
+            self._core.load_seconds,
+        )
+
+    def _warm_up(self) -> None:
+        """One real encode of each kind: the replica is only reported ready once the model works."""
+        pixels = torch.zeros((1, 3, *self._core.image_size), dtype=torch.uint8)
+        tokens = torch.zeros((1, self._core.context_length), dtype=torch.long)
+        self._core.encode_images(pixels)
+        self._core.encode_texts(tokens)
+        self._last_success = time.monotonic()
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Batch size and wait timeout change here at run time (Serve `user_config`), without a restart."""
+        batching = BatchSettings.model_validate(user_config)
+        self._image_batch.set_max_batch_size(batching.max_batch_size)
+        self._image_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self._text_batch.set_max_batch_size(batching.text_max_batch_size)
+        self._text_batch.set_batch_wait_timeout_s(batching.text_batch_wait_timeout_s)
+        self._batching = batching
+
+    # ------------------------------------------------------------------ public methods (via handles)
+
+    async def embed_images(self, pixels: torch.Tensor) -> np.ndarray:
+        """(N, 3, H, W) uint8 -> (N, D) float32 unit vectors."""
+        self._core.check_pixels(pixels)
+        return await self._embed(pixels, self._image_batch, self._batching.max_batch_size)
+
+    async def embed_texts(self, tokens: torch.Tensor) -> np.ndarray:
+        """(N, context) token ids -> (N, D) float32 unit vectors."""
+        self._core.check_tokens(tokens)
+        return await self._embed(tokens, self._text_batch, self._batching.text_max_batch_size)
+
+    def info(self) -> dict:
+        return {"device": self._core.device, "precision": self._core.precision, "batching": self._batching.model_dump()}
+
+    async def health(self) -> dict:
+        """Age of the last successful encode; probes with a real text encode when it is too old."""
+        age = self._age()
+        if age is None or age > self._spec.health_max_age_s:
+            probe = torch.zeros((1, self._core.context_length), dtype=torch.long)
+            try:
+                await self.embed_texts(probe)
+            except Exception as exc:  # reported, not raised: health says 503 with the reason
+                return {"ok": False, "last_encode_age_s": age, "detail": f"probe encode failed: {exc}"}
+            age = self._age()
+        return {"ok": True, "last_encode_age_s": age}
+
+    def check_health(self) -> None:
+        """Ray Serve's replica health check: a replica whose forward passes keep failing is replaced."""
+        if self._consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+            raise RuntimeError(f"{self._consecutive_failures} forward passes failed in a row")
+
+    # ------------------------------------------------------------------ batching
+
+    def _age(self) -> float | None:
+        return None if self._last_success is None else time.monotonic() - self._last_success
+
+    async def _embed(self, rows: torch.Tensor, queue, max_rows: int) -> np.ndarray:
+        enqueued = time.perf_counter()
+        pieces = [_Rows(rows[i : i + max_rows], enqueued) for i in range(0, len(rows), max_rows)]
+        results = await asyncio.gather(*(queue(piece) for piece in pieces))
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results[0] if len(results) == 1 else np.concatenate(results)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_count_rows)
+    async def _image_batch(self, items: list[_Rows]) -> list[np.ndarray | ServeAppError]:
+        return await self._run_batch("image", items, self._core.encode_images)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_count_rows)
+    async def _text_batch(self, items: list[_Rows]) -> list[np.ndarray | ServeAppError]:
+        return await self._run_batch("text", items, self._core.encode_texts)
+
+    async def _run_batch(self, modality: str, items: list[_Rows], forward) -> list[np.ndarray | ServeAppError]:
+        now = time.perf_counter()
+        for item in items:
+            metrics.observe_queue_wait(self._spec.name, modality, now - item.enqueued)
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self._worker, self._forward_isolated, items, forward)
+        metrics.observe_batch(self._spec.name, modality, _count_rows(items), time.perf_counter() - now)
+        return results
+
+    def _forward_isolated(self, items: list[_Rows], forward) -> list[np.ndarray | ServeAppError]:
+        """One forward pass for the whole batch; if it fails, each call alone, so one bad call fails alone."""
+        if len(items) > 1:
+            try:
+                out = forward(self._pad_and_cat([item.data for item in items]))
+                self._record(success=True)
+                return list(np.split(out, np.cumsum([len(item.data) for item in items])[:-1]))
+            except Exception:
+                logger.warning("a batch of %d calls failed; retrying each call alone", len(items))
+        return [self._single(item, forward) for item in items]
+
+    def _single(self, item: _Rows, forward) -> np.ndarray | ServeAppError:
+        try:
+            out = forward(item.data)
+        except Exception:
+            logger.exception("forward pass failed for %d rows", len(item.data))
+            self._record(success=False)
+            return Unavailable("the encoder failed on this request; retry it")
+        self._record(success=True)
+        return out
+
+    @staticmethod
+    def _pad_and_cat(parts: list[torch.Tensor]) -> torch.Tensor:
+        """Concatenates rows; token tensors of different widths are right-padded with 0 (open_clip's pad)."""
+        width = max(p.shape[1] for p in parts)
+        if parts[0].ndim == 2 and any(p.shape[1] != width for p in parts):
+            parts = [torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts]
+        return torch.cat(parts)
+
+    def _record(self, success: bool) -> None:
+        if success:
+            self._last_success = time.monotonic()
+            self._consecutive_failures = 0
+        else:
+            self._consecutive_failures += 1

@@ -1,0 +1,81 @@
+"""Decoding untrusted image bytes: base64, format allow-list, pixel cap before decoding, EXIF orientation.
+
+Every failure is an `InvalidRequest`/`PayloadTooLarge` that names the input (`param`), so a bad image fails
+its own request only and never reaches the encoder's batch.
+"""
+
+import base64
+import binascii
+import io
+import re
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from serve_app.config import ImageLimits
+from serve_app.errors import InvalidRequest, PayloadTooLarge
+
+# Formats CLIP users send. Pillow's JPEG opener also takes MPO, what many phone cameras write.
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
+
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
+_WHITESPACE = re.compile(r"\s+")
+
+
+def decode_base64(data: str, param: str, limits: ImageLimits) -> bytes:
+    """Bytes of a `data:` URI or bare base64 (standard or URL-safe alphabet, whitespace tolerated)."""
+    match = _DATA_URI.match(data)
+    if match:
+        if not match.group("b64"):
+            raise InvalidRequest("image data: URIs must be base64-encoded (data:image/...;base64,...)", param=param)
+        data = data[match.end():]
+    elif data[:5].lower() == "data:":
+        raise InvalidRequest("malformed data: URI; expected data:image/<type>;base64,<data>", param=param)
+    # base64 grows bytes by 4/3: reject oversized payloads before decoding them.
+    if len(data) * 3 // 4 > limits.max_image_bytes:
+        raise PayloadTooLarge(
+            f"image is larger than the {limits.max_image_bytes} byte limit", param=param
+        )
+    if _WHITESPACE.search(data):
+        data = _WHITESPACE.sub("", data)
+    altchars = b"-_" if ("-" in data or "_" in data) else None
+    try:
+        raw = base64.b64decode(data, altchars=altchars, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("image is not valid base64", param=param) from None
+    if not raw:
+        raise InvalidRequest("image is empty", param=param)
+    return raw
+
+
+def open_image(raw: bytes, param: str, limits: ImageLimits) -> Image.Image:
+    """Opens, checks size from the header alone, then decodes fully and applies EXIF orientation."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw), formats=ALLOWED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise PayloadTooLarge(f"image has too many pixels (limit {limits.max_image_pixels})", param=param) from None
+    except UnidentifiedImageError:
+        raise InvalidRequest(
+            f"input is not an image in a supported format ({', '.join(ALLOWED_FORMATS)})", param=param
+        ) from None
+    except Exception:  # Pillow raises many types on malformed headers
+        raise InvalidRequest("image header is corrupt", param=param) from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise InvalidRequest("image has no pixels", param=param)
+    if width * height > limits.max_image_pixels:
+        raise PayloadTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_image_pixels}",
+            param=param,
+        )
+    try:
+        image.load()  # first frame of an animation
+        return ImageOps.exif_transpose(image)
+    except Exception:
+        raise InvalidRequest("image data is truncated or corrupt", param=param) from None
+
+
+def decode_image(data: str, param: str, limits: ImageLimits) -> Image.Image:
+    return open_image(decode_base64(data, param, limits), param, limits)

@@ -1,0 +1,150 @@
+"""OpenAIIngress deployment: thin OpenAI-style HTTP routes over the preprocessing and encoder pools.
+
+Every request passes `_every_request` (request id, metrics, the one error mapper); later concerns such as
+API keys and rate limits belong there too. Routes parse, await the service, and build the response.
+"""
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app import metrics
+from serve_app.config import ModelSpec
+from serve_app.errors import error_body, error_payload
+from serve_app.inputs import collect_inputs
+from serve_app.modeling import load_model_config
+from serve_app.protocol import (
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ErrorResponse,
+    HealthResponse,
+    ModelList,
+    PoolHealth,
+)
+from serve_app.serving import ClipService, ServedModel, check_dimensions, embedding_response
+
+logger = logging.getLogger("ray.serve")
+
+HEALTH_TIMEOUT_S = 10.0
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 404, 413, 422, 429, 500, 503)
+}
+
+app = FastAPI(
+    title="CLIP embeddings (OpenAI-compatible)",
+    description="OpenCLIP image and text embeddings behind an OpenAI-style API, served by Ray Serve.",
+    version="0.1.0",
+)
+
+
+def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    if hasattr(payload, "model_dump_json"):
+        return Response(payload.model_dump_json(), status_code=status, media_type="application/json", headers=headers)
+    return JSONResponse(payload, status_code=status, headers=headers)
+
+
+def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
+    """('body', 'input', 3, 'text') -> 'input[3].text'; pydantic's union branch names are dropped."""
+    param = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part and not any(c in str(part) for c in "[]()") and part not in ("str", "int", "list", "function-after"):
+            param += ("." if param else "") + str(part)
+    return param or None
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        return _json(error_body(400, "request body is not valid JSON", "invalid_request_error").body, 400)
+    param = _param_from_loc(tuple(first.get("loc", ())))
+    messages = "; ".join(dict.fromkeys(str(e.get("msg")) for e in errors[:4]))
+    message = f"invalid value for `{param}`: {messages}" if param else f"invalid request: {messages}"
+    if param is None and first.get("type") == "missing":
+        message = "request body is required (JSON)"
+    return _json(error_body(400, message, "invalid_request_error", param).body, 400)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    return _json(error_body(exc.status_code, str(exc.detail), "invalid_request_error").body, exc.status_code)
+
+
+KNOWN_ROUTES = {"/v1/embeddings", "/v1/models", "/health", "/openapi.json", "/docs"}
+
+
+@app.middleware("http")
+async def _every_request(request: Request, call_next) -> Response:
+    """The one place every request passes: request id, the error mapper, request metrics."""
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    start = time.perf_counter()
+    try:
+        response = await call_next(request)
+    except Exception as exc:  # the one error mapper
+        mapped = error_payload(exc, request_id)
+        if mapped.status_code >= 500:
+            logger.exception("request %s failed", request_id)
+        response = _json(mapped.body, mapped.status_code)
+    response.headers["x-request-id"] = request_id
+    route = request.url.path if request.url.path in KNOWN_ROUTES else "other"
+    metrics.observe_request(route, response.status_code, time.perf_counter() - start)
+    return response
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)
+@serve.ingress(app)
+class OpenAIIngress:
+    def __init__(
+        self, preprocessor: Any, encoders: dict[str, Any], models: list[ModelSpec], max_inputs_per_request: int
+    ) -> None:
+        served = {
+            spec.name: ServedModel(spec.name, load_model_config(spec.model, spec.pretrained), encoders[spec.name])
+            for spec in models
+        }
+        self._service = ClipService(preprocessor, served)
+        self._max_inputs = max_inputs_per_request
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
+    async def create_embeddings(self, request: EmbeddingRequest) -> Response:
+        model = self._service.model(request.model)
+        check_dimensions(model, request.dimensions)
+        inputs = collect_inputs(request, self._max_inputs)
+        embedded = await self._service.embed(model, inputs)
+        return _json(embedding_response(model, embedded, request.encoding_format))
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models(self) -> Response:
+        return _json(self._service.model_list())
+
+    @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    async def health(self) -> Response:
+        """200 only when every encoder pool has completed a real encode recently (it probes if not)."""
+        names = list(self._service.models)
+        results = await asyncio.gather(
+            *(self._pool_health(self._service.models[n]) for n in names), return_exceptions=False
+        )
+        pools = dict(zip(names, results))
+        ok = all(p.ok for p in pools.values())
+        body = HealthResponse(status="ok" if ok else "unavailable", models=pools)
+        return _json(body, 200 if ok else 503)
+
+    @staticmethod
+    async def _pool_health(model: ServedModel) -> PoolHealth:
+        try:
+            report = await asyncio.wait_for(model.encoder.health.remote(), HEALTH_TIMEOUT_S)
+            return PoolHealth(**report)
+        except asyncio.TimeoutError:
+            return PoolHealth(ok=False, detail=f"no answer from the encoder pool within {HEALTH_TIMEOUT_S}s")
+        except Exception as exc:
+            return PoolHealth(ok=False, detail=f"encoder pool unreachable: {type(exc).__name__}")

@@ -1,0 +1,85 @@
+"""Every metric of the service, in one file, with its buckets (after TEI's `prometheus.rs`).
+
+Ray Serve exports these from each replica through Ray's metrics agent (Prometheus names gain a `ray_`
+prefix), next to Serve's own request, queue and `@serve.batch` metrics. Metric objects are created lazily
+in the replica that records them.
+"""
+
+from functools import cache
+from typing import Any
+
+PREFIX = "clip_"
+SECONDS_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+
+
+@cache
+def _metrics() -> dict[str, Any]:
+    from ray.serve import metrics as m
+
+    return {
+        "requests": m.Counter(
+            PREFIX + "requests",
+            description="HTTP requests by route and status code.",
+            tag_keys=("route", "status"),
+        ),
+        "request_seconds": m.Histogram(
+            PREFIX + "request_seconds",
+            description="End-to-end request latency at the ingress.",
+            boundaries=SECONDS_BUCKETS,
+            tag_keys=("route",),
+        ),
+        "inputs": m.Counter(
+            PREFIX + "inputs",
+            description="Inputs embedded, by model and modality.",
+            tag_keys=("model", "modality"),
+        ),
+        "preprocess_seconds": m.Histogram(
+            PREFIX + "preprocess_seconds",
+            description="Preprocessing time of one request's inputs of one modality.",
+            boundaries=SECONDS_BUCKETS,
+            tag_keys=("modality",),
+        ),
+        "queue_wait_seconds": m.Histogram(
+            PREFIX + "queue_wait_seconds",
+            description="Time an encoder call waited for its batch to start.",
+            boundaries=SECONDS_BUCKETS,
+            tag_keys=("model", "modality"),
+        ),
+        "encode_seconds": m.Histogram(
+            PREFIX + "encode_seconds",
+            description="Forward pass time of one batch.",
+            boundaries=SECONDS_BUCKETS,
+            tag_keys=("model", "modality"),
+        ),
+        "batch_size": m.Histogram(
+            PREFIX + "batch_size",
+            description="Items per forward pass.",
+            boundaries=BATCH_BUCKETS,
+            tag_keys=("model", "modality"),
+        ),
+    }
+
+
+def observe_request(route: str, status: int, seconds: float) -> None:
+    _metrics()["requests"].inc(tags={"route": route, "status": str(status)})
+    _metrics()["request_seconds"].observe(seconds, tags={"route": route})
+
+
+def count_inputs(model: str, modality: str, count: int) -> None:
+    if count:
+        _metrics()["inputs"].inc(count, tags={"model": model, "modality": modality})
+
+
+def observe_preprocess(modality: str, seconds: float) -> None:
+    _metrics()["preprocess_seconds"].observe(seconds, tags={"modality": modality})
+
+
+def observe_queue_wait(model: str, modality: str, seconds: float) -> None:
+    _metrics()["queue_wait_seconds"].observe(seconds, tags={"model": model, "modality": modality})
+
+
+def observe_batch(model: str, modality: str, size: int, seconds: float) -> None:
+    tags = {"model": model, "modality": modality}
+    _metrics()["encode_seconds"].observe(seconds, tags=tags)
+    _metrics()["batch_size"].observe(size, tags=tags)

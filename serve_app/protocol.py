@@ -1,0 +1,181 @@
+"""Wire types of the HTTP API: pydantic models only, in OpenAI's field order.
+
+Fields that OpenAI does not define (the dialects CLIP users already send) sit below the
+`# --- extensions ---` marker of each model.
+"""
+
+import time
+import uuid
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+
+
+class WireModel(BaseModel):
+    """Base of every request model: unknown fields are ignored, as OpenAI-compatible servers do."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+# ---------------------------------------------------------------- input items (all dialects)
+
+
+class ImageURL(WireModel):
+    url: str
+    detail: str | None = None
+
+
+class TextPart(WireModel):
+    """OpenAI content part `{"type": "text", "text": ...}`."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(WireModel):
+    """OpenAI content part `{"type": "image_url", "image_url": {"url": ...}}` (a bare string is taken too)."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL | str
+
+
+class JinaText(WireModel):
+    """Jina-style `{"text": ...}`."""
+
+    text: str
+
+
+class JinaImage(WireModel):
+    """Jina-style `{"image": ...}`: a data URI or bare base64."""
+
+    image: str
+
+
+def _object_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        kind = value.get("type")
+        if kind in ("text", "image_url"):
+            return kind
+        if "image" in value:
+            return "jina_image"
+        if "text" in value:
+            return "jina_text"
+        return None
+    for model, tag in ((TextPart, "text"), (ImagePart, "image_url"), (JinaImage, "jina_image"), (JinaText, "jina_text")):
+        if isinstance(value, model):
+            return tag
+    return None
+
+
+InputObject = Annotated[
+    Union[
+        Annotated[TextPart, Tag("text")],
+        Annotated[ImagePart, Tag("image_url")],
+        Annotated[JinaImage, Tag("jina_image")],
+        Annotated[JinaText, Tag("jina_text")],
+    ],
+    Discriminator(
+        _object_kind,
+        custom_error_type="invalid_input_object",
+        custom_error_message=(
+            "an input object must be {'type': 'text', 'text': ...}, {'type': 'image_url', 'image_url': "
+            "{'url': ...}}, {'text': ...} or {'image': ...}"
+        ),
+    ),
+]
+
+# Token ids are accepted on the wire only so that they get a clear error, not a generic type error.
+InputItem = Union[str, InputObject, int, list[int]]
+
+
+class ChatMessage(WireModel):
+    """vLLM's `messages` dialect: each content part becomes one input."""
+
+    role: str = "user"
+    content: str | list[InputObject]
+
+
+# ---------------------------------------------------------------- /v1/embeddings
+
+
+class EmbeddingRequest(WireModel):
+    input: str | list[InputItem] | None = None
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    # --- extensions ---
+    modality: Literal["text", "image"] | None = Field(
+        default=None, description="infinity's dialect: with 'image', plain strings are images."
+    )
+    messages: list[ChatMessage] | None = Field(
+        default=None, description="vLLM's dialect: chat-style content parts instead of `input`."
+    )
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class EmbeddingResponse(BaseModel):
+    id: str = Field(default_factory=lambda: _id("embd"))
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[Embedding]
+    usage: Usage
+
+
+# ---------------------------------------------------------------- /v1/models
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "serve_app"
+    # --- extensions ---
+    embedding_dimensions: int
+    context_length: int
+    image_size: list[int]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---------------------------------------------------------------- errors and health
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class PoolHealth(BaseModel):
+    ok: bool
+    last_encode_age_s: float | None = None
+    detail: str | None = None
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "unavailable"]
+    models: dict[str, PoolHealth]

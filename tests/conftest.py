@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny random open_clip models the tests write themselves, and a live Ray Serve app.
+
+No test downloads weights. The Serve app runs on a local Ray instance on a free loopback port and is
+shut down at the end of the session.
+"""
+
+import base64
+import io
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serve_app.dev_model import write_tiny_model
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+TINY_NAME = "tiny-clip"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-clip", seed=0)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_dir: Path):
+    """open_clip itself: (model, preprocess, tokenizer) for the tiny model, the ground truth of every test."""
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tiny_model_dir}")
+    return model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{tiny_model_dir}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_url(tiny_model_dir: Path) -> Iterator[str]:
+    """A running app (ingress + preprocessor + encoder) serving the tiny model; yields its base URL."""
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = {
+            "model": f"local-dir:{tiny_model_dir}",
+            "served_model_name": TINY_NAME,
+            "torch_threads": 1,
+            "max_inputs_per_request": 64,
+            "max_batch_size": 8,
+            "batch_wait_timeout_s": 0.02,
+            "image_limits": {"max_image_pixels": 4_000_000, "max_image_bytes": 2_000_000},
+            "preprocessor": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 64},
+            "ingress": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 256},
+        }
+        serve.run(build_app(args), name="clip", route_prefix="/", blocking=False)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+# ------------------------------------------------------------------ image helpers
+
+
+def random_image(width: int = 120, height: int = 90, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    rng = np.random.RandomState(seed)
+    image = Image.fromarray(rng.randint(0, 256, (height, width, 3), dtype=np.uint8))
+    return image if mode == "RGB" else image.convert(mode)
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **save_args) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save_args)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{b64(data)}"

@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml
 
 # Serves the default ViT-g/14 (weights from the Hugging Face hub, or its local cache).
 serve: install
-	@$(PY) -c "from serve_app.modeling import load_model_config as c; c('hf-hub:laion/CLIP-ViT-g-14-laion2B-s34B-b88K')" >/dev/null 2>&1 || { \
-	  echo "make serve: cannot fetch laion/CLIP-ViT-g-14-laion2B-s34B-b88K from the Hugging Face hub (offline?)." >&2; \
-	  echo "Try 'make serve-dev' for a tiny random model that needs no download." >&2; exit 1; }
+	@$(PY) -m serve_app.modeling hf-hub:laion/CLIP-ViT-g-14-laion2B-s34B-b88K || { \
+	  echo "make serve: cannot fetch the ViT-g/14 weights from the Hugging Face hub (offline?)." >&2; \
+	  echo "Try 'make serve-dev': a tiny random model that needs no download." >&2; exit 1; }
 	$(VENV)/bin/serve run deploy/local-cpu.yaml
 
 serve-gpu: install

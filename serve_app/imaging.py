@@ -54,14 +54,17 @@ def open_image(raw: bytes, param: str, limits: ImageLimits) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(raw), formats=ALLOWED_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise PayloadTooLarge(f"image has too many pixels (limit {limits.max_image_pixels})", param=param) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard (set to our limit in the Preprocessor) fired first; its message has the size.
+        raise PayloadTooLarge(
+            f"image has too many pixels; the limit is {limits.max_image_pixels} ({exc})", param=param
+        ) from None
     except UnidentifiedImageError:
         raise InvalidRequest(
             f"input is not an image in a supported format ({', '.join(ALLOWED_FORMATS)})", param=param
         ) from None
     except Exception:  # Pillow raises many types on malformed headers
-        raise InvalidRequest("image header is corrupt", param=param) from None
+        raise InvalidRequest("image header is truncated or corrupt", param=param) from None
     width, height = image.size
     if width <= 0 or height <= 0:
         raise InvalidRequest("image has no pixels", param=param)

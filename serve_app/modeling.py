@@ -177,3 +177,45 @@ def encode_text(model: "torch.nn.Module", tokens: "torch.Tensor") -> "torch.Tens
         is_linear = isinstance(model.text_projection, torch.nn.Linear)
         x = model.text_projection(x) if is_linear else x @ model.text_projection
     return F.normalize(x, dim=-1)
+
+
+def prefetch(model: str, pretrained: str | None = None) -> str:
+    """Downloads config and weights into the local cache before serving; returns the weights' path.
+
+    `make serve` calls this first so that a machine without hub access fails in seconds with a clear
+    message, instead of replicas retrying a download.
+    """
+    from open_clip.factory import parse_model_name
+    from open_clip.pretrained import download_pretrained, download_pretrained_from_hf, get_pretrained_cfg
+
+    load_model_config(model, pretrained)
+    schema, identifier = parse_model_name(model)
+    if schema == "hf-hub":
+        return download_pretrained_from_hf(identifier)
+    if schema == "local-dir":
+        return identifier
+    if not pretrained or pretrained == RANDOM_WEIGHTS:
+        return "(random weights)"
+    cfg = get_pretrained_cfg(identifier.replace("/", "-"), pretrained)
+    if not cfg:
+        raise ValueError(f"unknown pretrained tag {pretrained!r} for {model!r}")
+    return download_pretrained(cfg)
+
+
+def main() -> None:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Fetch a model's config and weights into the local cache.")
+    parser.add_argument("model")
+    parser.add_argument("--pretrained")
+    args = parser.parse_args()
+    try:
+        print(prefetch(args.model, args.pretrained))
+    except Exception as exc:  # a message for a person, not a traceback
+        print(f"cannot fetch {args.model}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -86,7 +86,11 @@ KNOWN_ROUTES = {"/v1/embeddings", "/v1/models", "/health", "/openapi.json", "/do
 
 @app.middleware("http")
 async def _every_request(request: Request, call_next) -> Response:
-    """The one place every request passes: request id, the error mapper, request metrics."""
+    """The one place every request passes: the error mapper and request metrics.
+
+    Ray Serve's proxy already gives every request an `x-request-id` (the client's, or a new one) and echoes
+    it in the response; errors quote it so that a log line can be found from a client's report.
+    """
     request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
     start = time.perf_counter()
     try:
@@ -96,7 +100,6 @@ async def _every_request(request: Request, call_next) -> Response:
         if mapped.status_code >= 500:
             logger.exception("request %s failed", request_id)
         response = _json(mapped.body, mapped.status_code)
-    response.headers["x-request-id"] = request_id
     route = request.url.path if request.url.path in KNOWN_ROUTES else "other"
     metrics.observe_request(route, response.status_code, time.perf_counter() - start)
     return response

@@ -59,6 +59,9 @@ CASES = {
     "png-grayscale": lambda: encode(random_image(seed=9, mode="L")),
     "png-grayscale-alpha": lambda: encode(random_image(seed=9, mode="LA")),
     "png-bilevel": lambda: encode(random_image(seed=10, mode="1")),
+    "png-16bit-grayscale": lambda: encode(Image.fromarray(
+        np.random.RandomState(15).randint(0, 65536, (50, 70), dtype=np.uint16).astype(np.int32)).convert("I;16")),
+    "jpeg-mpo-phone": lambda: encode(random_image(seed=16), "MPO", save_all=True, append_images=[random_image(seed=17)]),
     "gif-animated": animated_gif,
     "webp": lambda: encode(random_image(seed=11), "WEBP", lossless=True),
     "bmp": lambda: encode(random_image(seed=12), "BMP"),

@@ -1,0 +1,81 @@
+"""The Serve config files in deploy/ are valid, build through `build_app`, and `serve run` serves one."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.app import build_app
+from serve_app.config import AppArgs
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "deploy").glob("*.yaml"))
+
+
+def test_there_are_configs_for_cpu_gpu_and_dev():
+    assert {"dev.yaml", "local-cpu.yaml", "local-gpu.yaml"} <= {c.name for c in CONFIGS}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_is_a_valid_serve_config_through_build_app(path: Path):
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    for application in schema.applications:
+        assert application.import_path == "serve_app.app:build_app"
+        args = AppArgs.model_validate(application.args)
+        app = build_app(args)
+        assert type(app).__name__ == "Application"
+
+
+def test_gpu_config_asks_for_a_gpu_per_encoder_and_cpu_ones_do_not():
+    def encoder_gpus(name: str) -> float:
+        args = AppArgs.model_validate(yaml.safe_load((ROOT / "deploy" / name).read_text())["applications"][0]["args"])
+        return args.model_specs()[0].encoder.num_gpus
+
+    assert encoder_gpus("local-gpu.yaml") == 1
+    assert encoder_gpus("local-cpu.yaml") == 0 and encoder_gpus("dev.yaml") == 0
+
+
+def test_serve_run_with_the_dev_config(tmp_path: Path, tiny_model_dir: Path):
+    """`serve run deploy/dev.yaml`, as `make serve-dev` does, in a Ray instance of its own."""
+    config = yaml.safe_load((ROOT / "deploy" / "dev.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"]["model"] = f"local-dir:{tiny_model_dir}"
+    path = tmp_path / "dev.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve = Path(sys.executable).parent / "serve"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    process = subprocess.Popen(
+        [str(serve), "run", "--address", "local", str(path)], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert process.poll() is None, "serve run exited early"
+            try:
+                if requests.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:  # proxy up before the app
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("serve run did not become healthy in 180 s")
+        response = requests.post(url + "/v1/embeddings", json={"input": "hello", "model": "tiny-clip"}, timeout=30)
+        assert response.status_code == 200 and len(response.json()["data"][0]["embedding"]) == 32
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -30,5 +30,5 @@ def build_app(args: AppArgs) -> Application:
         ).bind(spec)
     preprocessor = Preprocessor.options(**args.preprocessor.deployment_options()).bind(specs, args.image_limits)
     return OpenAIIngress.options(**args.ingress.deployment_options()).bind(
-        preprocessor, encoders, specs, args.max_inputs_per_request
+        preprocessor, encoders, specs, args.max_inputs_per_request, args.zero_shot
     )

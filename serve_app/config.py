@@ -115,6 +115,14 @@ class ImageLimits(StrictModel):
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="encoded size cap per image")
 
 
+class ZeroShotSettings(StrictModel):
+    max_labels: int = Field(default=4096, ge=1, description="labels per /v1/classify request")
+    max_templates: int = Field(default=128, ge=1, description="prompt templates per request")
+    label_cache_size: int = Field(
+        default=20_000, ge=0, description="classifier vectors kept per ingress replica (LRU; 0 disables)"
+    )
+
+
 class AppArgs(StrictModel):
     """Arguments of `serve_app.app:build_app` (YAML `args:` or `serve run ... key=value`).
 
@@ -142,6 +150,7 @@ class AppArgs(StrictModel):
     )
     max_inputs_per_request: int = Field(default=2048, ge=1)
     image_limits: ImageLimits = Field(default_factory=ImageLimits)
+    zero_shot: ZeroShotSettings = Field(default_factory=lambda: ZeroShotSettings())
 
     def model_specs(self) -> list[ModelSpec]:
         if self.models:

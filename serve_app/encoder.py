@@ -127,6 +127,10 @@ class ClipEncoder:
         self._core.check_tokens(tokens)
         return await self._embed(tokens, self._text_batch, self._batching.text_max_batch_size)
 
+    def logit_scale(self) -> float:
+        """The model's learned temperature (log scale), for zero-shot softmax at the ingress."""
+        return float(self._core.model.logit_scale.detach().float().cpu().reshape(-1)[0])
+
     def info(self) -> dict:
         return {"device": self._core.device, "precision": self._core.precision, "batching": self._batching.model_dump()}
 

@@ -17,19 +17,24 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import metrics
-from serve_app.config import ModelSpec
-from serve_app.errors import error_body, error_payload
-from serve_app.inputs import collect_inputs
+from serve_app.config import ModelSpec, ZeroShotSettings
+from serve_app.errors import InvalidRequest, error_body, error_payload
+from serve_app.inputs import collect_inputs, input_from_item
 from serve_app.modeling import load_model_config
 from serve_app.protocol import (
+    ClassifyRequest,
+    ClassifyResponse,
     EmbeddingRequest,
     EmbeddingResponse,
     ErrorResponse,
     HealthResponse,
     ModelList,
     PoolHealth,
+    RerankRequest,
+    RerankResponse,
 )
 from serve_app.serving import ClipService, ServedModel, check_dimensions, embedding_response
+from serve_app.zero_shot import resolve_templates
 
 logger = logging.getLogger("ray.serve")
 
@@ -81,7 +86,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
     return _json(error_body(exc.status_code, str(exc.detail), "invalid_request_error").body, exc.status_code)
 
 
-KNOWN_ROUTES = {"/v1/embeddings", "/v1/models", "/health", "/openapi.json", "/docs"}
+KNOWN_ROUTES = {"/v1/embeddings", "/v1/classify", "/v1/rerank", "/v1/models", "/health", "/openapi.json", "/docs"}
 
 
 @app.middleware("http")
@@ -109,13 +114,18 @@ async def _every_request(request: Request, call_next) -> Response:
 @serve.ingress(app)
 class OpenAIIngress:
     def __init__(
-        self, preprocessor: Any, encoders: dict[str, Any], models: list[ModelSpec], max_inputs_per_request: int
+        self,
+        preprocessor: Any,
+        encoders: dict[str, Any],
+        models: list[ModelSpec],
+        max_inputs_per_request: int,
+        zero_shot: ZeroShotSettings,
     ) -> None:
         served = {
             spec.name: ServedModel(spec.name, load_model_config(spec.model, spec.pretrained), encoders[spec.name])
             for spec in models
         }
-        self._service = ClipService(preprocessor, served)
+        self._service = ClipService(preprocessor, served, zero_shot)
         self._max_inputs = max_inputs_per_request
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
@@ -125,6 +135,34 @@ class OpenAIIngress:
         inputs = collect_inputs(request, self._max_inputs)
         embedded = await self._service.embed(model, inputs)
         return _json(embedding_response(model, embedded, request.encoding_format))
+
+    @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES)
+    async def classify(self, request: ClassifyRequest) -> Response:
+        """Zero-shot classification of each input over `labels`, as open_clip's zero-shot evaluation."""
+        model = self._service.model(request.model)
+        templates = resolve_templates(request.prompt_templates, self._service.zero_shot.max_templates)
+        inputs = collect_inputs(request, self._max_inputs)
+        response = await self._service.classify(model, inputs, request.labels, templates, request.top_k)
+        return _json(response)
+
+    @app.post("/v1/rerank", response_model=RerankResponse, responses=ERROR_RESPONSES)
+    async def rerank(self, request: RerankRequest) -> Response:
+        """Documents (text or images) ordered by cosine similarity to the query (text or image)."""
+        model = self._service.model(request.model)
+        if not request.documents:
+            raise InvalidRequest("`documents` must contain at least one item", param="documents")
+        if len(request.documents) > self._max_inputs:
+            raise InvalidRequest(
+                f"`documents` has {len(request.documents)} items; the limit is {self._max_inputs}", param="documents"
+            )
+        query = input_from_item(request.query, "query")
+        documents = [input_from_item(d, f"documents[{i}]") for i, d in enumerate(request.documents)]
+        originals = [d if isinstance(d, str) else d.model_dump(exclude_none=True) for d in request.documents]
+        response = await self._service.rerank(
+            model, query, documents, originals, request.top_n, request.return_documents
+        )
+        body = response.model_dump_json(exclude_none=True)
+        return Response(body, media_type="application/json")
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(self) -> Response:

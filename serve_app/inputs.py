@@ -4,11 +4,11 @@ Each input keeps `param` (e.g. `input[3]`) so that an error names the exact item
 """
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from serve_app.errors import InvalidRequest
 from serve_app.protocol import (
     ChatMessage,
-    EmbeddingRequest,
     ImagePart,
     InputItem,
     JinaImage,
@@ -61,7 +61,7 @@ def text_input(value: str, param: str) -> TextInput:
     return TextInput(value, param)
 
 
-def _from_item(item: InputItem, param: str, strings_are_images: bool) -> Input:
+def input_from_item(item: InputItem, param: str, strings_are_images: bool = False) -> Input:
     if isinstance(item, str):
         return image_input(item, param) if strings_are_images else text_input(item, param)
     if isinstance(item, (TextPart, JinaText)):
@@ -82,11 +82,19 @@ def _from_messages(messages: list[ChatMessage]) -> list[Input]:
             inputs.append(text_input(message.content, f"messages[{m}].content"))
             continue
         for p, part in enumerate(message.content):
-            inputs.append(_from_item(part, f"messages[{m}].content[{p}]", strings_are_images=False))
+            inputs.append(input_from_item(part, f"messages[{m}].content[{p}]", strings_are_images=False))
     return inputs
 
 
-def collect_inputs(request: EmbeddingRequest, max_inputs: int) -> list[Input]:
+class HasInputs(Protocol):
+    """The input fields that /v1/embeddings and /v1/classify share."""
+
+    input: str | list[InputItem] | None
+    modality: str | None
+    messages: list[ChatMessage] | None
+
+
+def collect_inputs(request: HasInputs, max_inputs: int) -> list[Input]:
     """All inputs of a request, in order; raises InvalidRequest naming the first bad one."""
     if request.input is not None and request.messages is not None:
         raise InvalidRequest("send either `input` or `messages`, not both", param="messages")
@@ -97,13 +105,13 @@ def collect_inputs(request: EmbeddingRequest, max_inputs: int) -> list[Input]:
     elif request.input is None:
         raise InvalidRequest("`input` is required", param="input")
     elif isinstance(request.input, str):
-        inputs = [_from_item(request.input, "input", strings_are_images)]
+        inputs = [input_from_item(request.input, "input", strings_are_images)]
         param = "input"
     else:
         if request.input and all(isinstance(i, int) for i in request.input):
             raise InvalidRequest(TOKEN_IDS_MESSAGE, param="input")
         _check_count(len(request.input), max_inputs, "input")
-        inputs = [_from_item(item, f"input[{i}]", strings_are_images) for i, item in enumerate(request.input)]
+        inputs = [input_from_item(item, f"input[{i}]", strings_are_images) for i, item in enumerate(request.input)]
         param = "input"
     _check_count(len(inputs), max_inputs, param)
     return inputs

@@ -13,6 +13,13 @@ SECONDS_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 
 
+def _in_ray() -> bool:
+    """Metrics are recorded inside Ray replicas only; library use (benchmarks, unit tests) skips them."""
+    import ray
+
+    return ray.is_initialized()
+
+
 @cache
 def _metrics() -> dict[str, Any]:
     from ray.serve import metrics as m
@@ -33,6 +40,11 @@ def _metrics() -> dict[str, Any]:
             PREFIX + "inputs",
             description="Inputs embedded, by model and modality.",
             tag_keys=("model", "modality"),
+        ),
+        "label_cache": m.Counter(
+            PREFIX + "label_cache_lookups",
+            description="Zero-shot label-embedding cache lookups, by result (hit or miss).",
+            tag_keys=("model", "result"),
         ),
         "preprocess_seconds": m.Histogram(
             PREFIX + "preprocess_seconds",
@@ -62,24 +74,42 @@ def _metrics() -> dict[str, Any]:
 
 
 def observe_request(route: str, status: int, seconds: float) -> None:
+    if not _in_ray():
+        return
     _metrics()["requests"].inc(tags={"route": route, "status": str(status)})
     _metrics()["request_seconds"].observe(seconds, tags={"route": route})
 
 
 def count_inputs(model: str, modality: str, count: int) -> None:
+    if not _in_ray():
+        return
     if count:
         _metrics()["inputs"].inc(count, tags={"model": model, "modality": modality})
 
 
 def observe_preprocess(modality: str, seconds: float) -> None:
+    if not _in_ray():
+        return
     _metrics()["preprocess_seconds"].observe(seconds, tags={"modality": modality})
 
 
 def observe_queue_wait(model: str, modality: str, seconds: float) -> None:
+    if not _in_ray():
+        return
     _metrics()["queue_wait_seconds"].observe(seconds, tags={"model": model, "modality": modality})
 
 
 def observe_batch(model: str, modality: str, size: int, seconds: float) -> None:
+    if not _in_ray():
+        return
     tags = {"model": model, "modality": modality}
     _metrics()["encode_seconds"].observe(seconds, tags=tags)
     _metrics()["batch_size"].observe(size, tags=tags)
+
+
+def count_label_cache(model: str, hits: int, misses: int) -> None:
+    if not _in_ray():
+        return
+    for result, count in (("hit", hits), ("miss", misses)):
+        if count:
+            _metrics()["label_cache"].inc(count, tags={"model": model, "result": result})

@@ -137,6 +137,74 @@ class EmbeddingResponse(BaseModel):
     usage: Usage
 
 
+# ---------------------------------------------------------------- /v1/classify (zero-shot)
+
+
+class ClassifyRequest(WireModel):
+    model: str | None = None
+    input: str | list[InputItem] | None = None
+    labels: list[str] = Field(description="class names; each becomes one classifier vector")
+    prompt_templates: list[str] | Literal["imagenet"] | None = Field(
+        default=None,
+        description="strings containing '{}' (default: 'a photo of a {}.'), or 'imagenet' for open_clip's "
+        "80 OpenAI ImageNet templates",
+    )
+    top_k: int | None = Field(default=None, ge=1)
+    # --- extensions ---
+    modality: Literal["text", "image"] | None = None
+    messages: list[ChatMessage] | None = None
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class Classification(BaseModel):
+    object: Literal["classification"] = "classification"
+    index: int
+    prediction: str
+    score: float
+    predictions: list[LabelScore]
+
+
+class ClassifyResponse(BaseModel):
+    id: str = Field(default_factory=lambda: _id("clf"))
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[Classification]
+    usage: Usage
+
+
+# ---------------------------------------------------------------- /v1/rerank (cross-modal)
+
+RerankItem = Union[str, InputObject]
+
+
+class RerankRequest(WireModel):
+    model: str | None = None
+    query: RerankItem
+    documents: list[RerankItem]
+    top_n: int | None = Field(default=None, ge=1)
+    return_documents: bool = False
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: Any = None
+
+
+class RerankResponse(BaseModel):
+    id: str = Field(default_factory=lambda: _id("rerank"))
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    results: list[RerankResult]
+    usage: Usage
+
+
 # ---------------------------------------------------------------- /v1/models
 
 

@@ -11,10 +11,27 @@ from typing import Any
 import numpy as np
 
 from serve_app import metrics
+from serve_app.config import ZeroShotSettings
 from serve_app.errors import InvalidRequest, ModelNotFound
 from serve_app.inputs import ImageInput, Input, TextInput
 from serve_app.modeling import ModelConfig
-from serve_app.protocol import Embedding, EmbeddingResponse, ModelCard, ModelList, Usage
+from serve_app.protocol import (
+    Classification,
+    ClassifyResponse,
+    Embedding,
+    EmbeddingResponse,
+    LabelScore,
+    ModelCard,
+    ModelList,
+    RerankResponse,
+    RerankResult,
+    Usage,
+)
+from serve_app.zero_shot import LabelCache, check_labels, classifier_vectors, prompts, zero_shot_scores
+
+# Inputs per call to the pools: big requests (a 80,000-prompt label set) are cut so that the pieces
+# pipeline through preprocessing and spread over encoder replicas.
+CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -31,10 +48,15 @@ class Embedded:
 
 
 class ClipService:
-    def __init__(self, preprocessor: Any, models: dict[str, ServedModel]) -> None:
+    def __init__(
+        self, preprocessor: Any, models: dict[str, ServedModel], zero_shot: ZeroShotSettings | None = None
+    ) -> None:
         self._preprocessor = preprocessor
         self._models = models
         self.default_model = next(iter(models))
+        self.zero_shot = zero_shot or ZeroShotSettings()
+        self.label_cache = LabelCache(self.zero_shot.label_cache_size)
+        self._logit_scales: dict[str, float] = {}
 
     def model(self, name: str | None) -> ServedModel:
         """The model a request names; omitted means the first configured one."""
@@ -66,6 +88,14 @@ class ClipService:
 
     async def embed(self, model: ServedModel, inputs: list[Input]) -> Embedded:
         """Vectors of mixed text and image inputs, in input order; images and texts go in parallel."""
+        if len(inputs) > CHUNK:
+            parts = await asyncio.gather(
+                *(self.embed(model, inputs[i : i + CHUNK]) for i in range(0, len(inputs), CHUNK))
+            )
+            return Embedded(
+                vectors=np.concatenate([p.vectors for p in parts]),
+                prompt_tokens=sum(p.prompt_tokens for p in parts),
+            )
         images = [(i, x) for i, x in enumerate(inputs) if isinstance(x, ImageInput)]
         texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, TextInput)]
         groups = []  # (positions in the request, job)
@@ -91,6 +121,62 @@ class ClipService:
     async def _embed_texts(self, model: ServedModel, texts: list[TextInput]) -> tuple[np.ndarray, int]:
         batch = await self._preprocessor.texts.remote(model.name, [x.text for x in texts])
         return await model.encoder.embed_texts.remote(batch.tokens), sum(batch.token_counts)
+
+
+    async def classifiers(self, model: ServedModel, labels: list[str], templates: tuple[str, ...]) -> tuple[np.ndarray, int]:
+        """(labels, D) classifier vectors, from the label cache where possible; returns text tokens spent."""
+        check_labels(labels, self.zero_shot.max_labels)
+        cached = self.label_cache.get_many(model.name, templates, labels)
+        missing = list(dict.fromkeys(label for label in labels if label not in cached))
+        tokens = 0
+        if missing:
+            texts = prompts(missing, templates)
+            embedded = await self.embed(model, [TextInput(t, "labels") for t in texts])
+            fresh = dict(zip(missing, classifier_vectors(embedded.vectors, len(missing))))
+            self.label_cache.put_many(model.name, templates, fresh)
+            cached = {**cached, **fresh}
+            tokens = embedded.prompt_tokens
+        return np.stack([cached[label] for label in labels]), tokens
+
+    async def logit_scale(self, model: ServedModel) -> float:
+        if model.name not in self._logit_scales:
+            self._logit_scales[model.name] = await model.encoder.logit_scale.remote()
+        return self._logit_scales[model.name]
+
+    async def classify(
+        self, model: ServedModel, inputs: list[Input], labels: list[str], templates: tuple[str, ...],
+        top_k: int | None,
+    ) -> ClassifyResponse:
+        (classifiers, label_tokens), embedded, scale = await asyncio.gather(
+            self.classifiers(model, labels, templates), self.embed(model, inputs), self.logit_scale(model)
+        )
+        scores = zero_shot_scores(embedded.vectors, classifiers, scale)
+        keep = min(top_k or len(labels), len(labels))
+        data = []
+        for i, row in enumerate(scores):
+            order = np.argsort(-row, kind="stable")[:keep]
+            predictions = [LabelScore(label=labels[j], score=float(row[j])) for j in order]
+            data.append(Classification(index=i, prediction=predictions[0].label, score=predictions[0].score,
+                                       predictions=predictions))
+        tokens = embedded.prompt_tokens + label_tokens
+        return ClassifyResponse(model=model.name, data=data, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
+
+    async def rerank(
+        self, model: ServedModel, query: Input, documents: list[Input], originals: list[Any], top_n: int | None,
+        return_documents: bool,
+    ) -> RerankResponse:
+        """Documents by cosine similarity to the query, highest first; text and images in any mix."""
+        embedded = await self.embed(model, [query, *documents])
+        scores = embedded.vectors[1:] @ embedded.vectors[0]
+        order = np.argsort(-scores, kind="stable")[: top_n or len(documents)]
+        results = [
+            RerankResult(
+                index=int(i), relevance_score=float(scores[i]), document=originals[i] if return_documents else None
+            )
+            for i in order
+        ]
+        usage = Usage(prompt_tokens=embedded.prompt_tokens, total_tokens=embedded.prompt_tokens)
+        return RerankResponse(model=model.name, results=results, usage=usage)
 
 
 def check_dimensions(model: ServedModel, dimensions: int | None) -> None:

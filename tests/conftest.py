@@ -21,6 +21,15 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 TINY_NAME = "tiny-clip"
+SECOND_NAME = "tiny-clip-b"
+# A second architecture with its own embedding size and preprocessing, for the several-models case.
+SECOND_MODEL_CFG = {
+    "embed_dim": 24,
+    "vision_cfg": {"image_size": 40, "layers": 1, "width": 48, "head_width": 24, "patch_size": 10},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 48, "heads": 2, "layers": 1},
+}
+SECOND_PREPROCESS_CFG = {"mean": [0.45, 0.45, 0.45], "std": [0.27, 0.26, 0.28], "interpolation": "bicubic",
+                         "resize_mode": "squash"}
 
 
 @pytest.fixture(scope="session")
@@ -29,12 +38,27 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reference(tiny_model_dir: Path):
-    """open_clip itself: (model, preprocess, tokenizer) for the tiny model, the ground truth of every test."""
+def second_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-clip-b", seed=1,
+                            model_cfg=SECOND_MODEL_CFG, preprocess_cfg=SECOND_PREPROCESS_CFG)
+
+
+def open_clip_reference(directory: Path):
     import open_clip
 
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tiny_model_dir}")
-    return model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{tiny_model_dir}")
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{directory}")
+    return model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{directory}")
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_dir: Path):
+    """open_clip itself: (model, preprocess, tokenizer) for the tiny model, the ground truth of every test."""
+    return open_clip_reference(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def second_reference(second_model_dir: Path):
+    return open_clip_reference(second_model_dir)
 
 
 def free_port() -> int:
@@ -44,8 +68,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def serve_url(tiny_model_dir: Path) -> Iterator[str]:
-    """A running app (ingress + preprocessor + encoder) serving the tiny model; yields its base URL."""
+def serve_url(tiny_model_dir: Path, second_model_dir: Path) -> Iterator[str]:
+    """A running app (ingress + preprocessor + one encoder per model) serving two tiny models."""
     import ray
     from ray import serve
 
@@ -55,13 +79,17 @@ def serve_url(tiny_model_dir: Path) -> Iterator[str]:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
+        small_pool = {"num_replicas": 1, "num_cpus": 0.5, "num_gpus": 0, "max_ongoing_requests": 128}
+        batching = {"max_batch_size": 8, "batch_wait_timeout_s": 0.02, "text_max_batch_size": 16}
         args = {
-            "model": f"local-dir:{tiny_model_dir}",
-            "served_model_name": TINY_NAME,
-            "torch_threads": 1,
+            "models": [
+                {"model": f"local-dir:{tiny_model_dir}", "served_model_name": TINY_NAME, "torch_threads": 1,
+                 "batching": batching, "encoder": small_pool},
+                {"model": f"local-dir:{second_model_dir}", "served_model_name": SECOND_NAME, "torch_threads": 1,
+                 "batching": batching, "encoder": small_pool},
+            ],
             "max_inputs_per_request": 64,
-            "max_batch_size": 8,
-            "batch_wait_timeout_s": 0.02,
+            "zero_shot": {"max_labels": 50, "max_templates": 100, "label_cache_size": 1000},
             "image_limits": {"max_image_pixels": 4_000_000, "max_image_bytes": 2_000_000},
             "preprocessor": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 64},
             "ingress": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 256},

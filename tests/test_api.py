@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageOps
 
 from serve_app.protocol import EmbeddingResponse, ErrorResponse, HealthResponse, ModelList
-from tests.conftest import TINY_NAME, b64, data_uri, encode, random_image
+from tests.conftest import SECOND_NAME, TINY_NAME, b64, data_uri, encode, random_image
 from tests.test_preprocess import png_header_only
 
 MIN_COSINE = 0.9999
@@ -172,16 +172,16 @@ def test_openai_sdk_raises_its_own_errors(client):
 
 def test_models_health_and_openapi(serve_url, client):
     models = ModelList.model_validate(requests.get(serve_url + "/v1/models", timeout=30).json())
-    assert [m.id for m in models.data] == [TINY_NAME]
+    assert [m.id for m in models.data] == [TINY_NAME, SECOND_NAME]
     assert models.data[0].embedding_dimensions == 32 and models.data[0].image_size == [48, 48]
-    assert [m.id for m in client.models.list()] == [TINY_NAME]
+    assert [m.id for m in client.models.list()] == [TINY_NAME, SECOND_NAME]
     health = requests.get(serve_url + "/health", timeout=30)
     assert health.status_code == 200
     report = HealthResponse.model_validate(health.json())
-    assert report.status == "ok" and report.models[TINY_NAME].ok
+    assert report.status == "ok" and report.models[TINY_NAME].ok and report.models[SECOND_NAME].ok
     assert report.models[TINY_NAME].last_encode_age_s is not None
     spec = requests.get(serve_url + "/openapi.json", timeout=30).json()
-    assert {"/v1/embeddings", "/v1/models", "/health"} <= set(spec["paths"])
+    assert {"/v1/embeddings", "/v1/classify", "/v1/rerank", "/v1/models", "/health"} <= set(spec["paths"])
 
 
 # ------------------------------------------------------------------ errors: OpenAI shape, 4xx, never 500

@@ -1,0 +1,118 @@
+"""Zero-shot classification as open_clip evaluates it, and the cache of classifier vectors.
+
+A label's classifier vector is the L2-normalised mean of the unit text embeddings of its prompts
+(`open_clip.build_zero_shot_classifier`); scores are `softmax(logit_scale.exp() * image @ classifiers)`.
+Label sets repeat (a catalogue, ImageNet's 1,000 classes x 80 templates), so classifier vectors are cached
+per (model, templates, label) in a bounded LRU at the ingress: a repeated label set costs no text
+encoding and no trip to the pools at all.
+"""
+
+from collections import OrderedDict
+from threading import Lock
+
+import numpy as np
+
+from serve_app import metrics
+from serve_app.errors import InvalidRequest
+
+DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+
+
+def resolve_templates(templates: list[str] | str | None, max_templates: int) -> tuple[str, ...]:
+    """Templates as format strings; 'imagenet' means open_clip's 80 OpenAI ImageNet templates."""
+    if templates is None:
+        return DEFAULT_TEMPLATES
+    if templates == "imagenet":
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+        return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+    if isinstance(templates, str):
+        raise InvalidRequest("`prompt_templates` must be a list of strings or 'imagenet'", param="prompt_templates")
+    if not templates:
+        raise InvalidRequest("`prompt_templates` must not be empty", param="prompt_templates")
+    if len(templates) > max_templates:
+        raise InvalidRequest(
+            f"`prompt_templates` has {len(templates)} templates; the limit is {max_templates}",
+            param="prompt_templates",
+        )
+    for i, template in enumerate(templates):
+        if "{}" not in template:
+            raise InvalidRequest(f"template {template!r} has no '{{}}' for the label", param=f"prompt_templates[{i}]")
+        try:
+            template.format("label")
+        except (IndexError, KeyError, ValueError):
+            raise InvalidRequest(
+                f"template {template!r} must contain exactly the placeholder '{{}}' (write other braces as "
+                "'{{' and '}}')",
+                param=f"prompt_templates[{i}]",
+            ) from None
+    return tuple(templates)
+
+
+def check_labels(labels: list[str], max_labels: int) -> None:
+    if not labels:
+        raise InvalidRequest("`labels` must contain at least one class name", param="labels")
+    if len(labels) > max_labels:
+        raise InvalidRequest(f"`labels` has {len(labels)} items; the limit is {max_labels}", param="labels")
+    for i, label in enumerate(labels):
+        if not label.strip():
+            raise InvalidRequest("labels must not be empty", param=f"labels[{i}]")
+
+
+def prompts(labels: list[str], templates: tuple[str, ...]) -> list[str]:
+    """Label-major, as open_clip builds them: every template of label 0, then of label 1, ..."""
+    return [template.format(label) for label in labels for template in templates]
+
+
+def classifier_vectors(prompt_vectors: np.ndarray, num_labels: int) -> np.ndarray:
+    """(labels*templates, D) unit prompt vectors -> (labels, D) unit classifier vectors."""
+    means = prompt_vectors.reshape(num_labels, -1, prompt_vectors.shape[-1]).mean(axis=1)
+    return means / np.linalg.norm(means, axis=1, keepdims=True)
+
+
+def zero_shot_scores(image_vectors: np.ndarray, classifiers: np.ndarray, logit_scale: float) -> np.ndarray:
+    """softmax(logit_scale.exp() * images @ classifiers.T), rows summing to 1."""
+    logits = np.exp(logit_scale) * (image_vectors.astype(np.float64) @ classifiers.astype(np.float64).T)
+    logits -= logits.max(axis=1, keepdims=True)
+    probabilities = np.exp(logits)
+    return probabilities / probabilities.sum(axis=1, keepdims=True)
+
+
+class LabelCache:
+    """Bounded LRU of classifier vectors keyed by (model, templates, label); counts hits and misses."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[str, tuple[str, ...], str], np.ndarray] = OrderedDict()
+        self._lock = Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get_many(self, model: str, templates: tuple[str, ...], labels: list[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        with self._lock:
+            for label in labels:
+                key = (model, templates, label)
+                vector = self._entries.get(key)
+                if vector is not None:
+                    self._entries.move_to_end(key)
+                    found[label] = vector
+        unique = len(set(labels))
+        self.hits += len(found)
+        self.misses += unique - len(found)
+        metrics.count_label_cache(model, hits=len(found), misses=unique - len(found))
+        return found
+
+    def put_many(self, model: str, templates: tuple[str, ...], vectors: dict[str, np.ndarray]) -> None:
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            for label, vector in vectors.items():
+                key = (model, templates, label)
+                self._entries[key] = vector
+                self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,199 @@
+"""Zero-shot /v1/classify and cross-modal /v1/rerank, pinned against open_clip; the label cache; two models."""
+
+import io
+
+import numpy as np
+import open_clip
+import pytest
+import requests
+import torch
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+from PIL import Image
+
+from serve_app.errors import InvalidRequest
+from serve_app.protocol import ClassifyResponse, RerankResponse
+from serve_app.zero_shot import LabelCache, classifier_vectors, prompts, resolve_templates, zero_shot_scores
+from tests.conftest import SECOND_NAME, TINY_NAME, b64, data_uri, encode, random_image
+from tests.test_api import assert_error, expected_image, expected_text, post, vectors
+
+IMAGES = [encode(random_image(90, 70, seed=s), "JPEG", quality=95) for s in (31, 32, 33)]
+LABELS = ["cat", "dog", "car", "tree", "a {weird} label"]
+
+
+def open_clip_scores(reference, images: list[bytes], labels: list[str], templates) -> np.ndarray:
+    """open_clip's own zero-shot: build_zero_shot_classifier + softmax(logit_scale.exp() * image @ W)."""
+    model, preprocess, tokenizer = reference
+    with torch.no_grad():
+        weights = open_clip.build_zero_shot_classifier(model, tokenizer, labels, templates, num_classes_per_batch=2)
+        pixels = torch.stack([preprocess(Image.open(io.BytesIO(raw))) for raw in images])
+        features = model.encode_image(pixels, normalize=True)
+        return (model.logit_scale.exp() * features @ weights).softmax(dim=-1).numpy()
+
+
+# ------------------------------------------------------------------ units
+
+
+def test_templates_default_imagenet_and_validation():
+    assert resolve_templates(None, 10) == ("a photo of a {}.",)
+    imagenet = resolve_templates("imagenet", 10)
+    assert len(imagenet) == 80 and imagenet[0] == OPENAI_IMAGENET_TEMPLATES[0]("{}")
+    for bad, param in ((["no placeholder"], "prompt_templates[0]"), (["{} and {0}"], "prompt_templates[0]"),
+                       ([], "prompt_templates"), (["{}"] * 11, "prompt_templates"), ("nope", "prompt_templates")):
+        with pytest.raises(InvalidRequest) as info:
+            resolve_templates(bad, 10)
+        assert info.value.param == param
+
+
+def test_math_equals_open_clip_classifier(reference):
+    model, _, tokenizer = reference
+    templates = ("a photo of a {}.", "a drawing of a {}.", "{}")
+    with torch.no_grad():
+        expected = open_clip.build_zero_shot_classifier(model, tokenizer, LABELS, templates).T.numpy()
+        prompt_vectors = model.encode_text(tokenizer(prompts(LABELS, templates)), normalize=True).numpy()
+    np.testing.assert_allclose(classifier_vectors(prompt_vectors, len(LABELS)), expected, atol=1e-6)
+    scores = zero_shot_scores(np.eye(expected.shape[1], dtype=np.float32)[:2], expected, 2.0)
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0)
+
+
+def test_label_cache_is_a_bounded_lru_counting_hits_and_misses():
+    cache = LabelCache(capacity=2)
+    templates = ("{}",)
+    cache.put_many("m", templates, {"a": np.ones(2), "b": np.zeros(2)})
+    assert set(cache.get_many("m", templates, ["a", "x"])) == {"a"}  # touches a
+    cache.put_many("m", templates, {"c": np.ones(2)})  # evicts b, the least recently used
+    assert set(cache.get_many("m", templates, ["a", "b", "c"])) == {"a", "c"}
+    assert cache.get_many("other-model", templates, ["a"]) == {}
+    assert cache.get_many("m", ("x {}",), ["a"]) == {}
+    assert (cache.hits, cache.misses) == (3, 4) and len(cache) == 2
+
+
+# ------------------------------------------------------------------ /v1/classify over HTTP
+
+
+def classify(url: str, body: dict) -> ClassifyResponse:
+    response = post(url, body, path="/v1/classify")
+    assert response.status_code == 200, response.text
+    return ClassifyResponse.model_validate_json(response.text)
+
+
+@pytest.mark.parametrize("templates", [None, ["a photo of a {}.", "itap of a {}.", "{}"], "imagenet"])
+def test_classify_scores_equal_open_clip(serve_url, reference, templates):
+    body = {"model": TINY_NAME, "input": [{"image": b64(raw)} for raw in IMAGES], "labels": LABELS}
+    if templates is not None:
+        body["prompt_templates"] = templates
+    result = classify(serve_url, body)
+    expected_templates = resolve_templates(templates, 100)
+    expected = open_clip_scores(reference, IMAGES, LABELS, expected_templates)
+    assert [c.index for c in result.data] == [0, 1, 2]
+    for item, want in zip(result.data, expected):
+        got = {p.label: p.score for p in item.predictions}
+        np.testing.assert_allclose([got[label] for label in LABELS], want, atol=1e-4)
+        assert [p.score for p in item.predictions] == sorted(got.values(), reverse=True)
+        assert item.prediction == LABELS[int(np.argmax(want))] and item.score == item.predictions[0].score
+
+
+def test_classify_top_k_text_inputs_and_default_model(serve_url, reference):
+    result = classify(serve_url, {"input": ["a kitten", {"image": data_uri(IMAGES[0])}], "labels": LABELS, "top_k": 2})
+    assert result.model == TINY_NAME and len(result.data) == 2
+    assert all(len(item.predictions) == 2 for item in result.data)
+
+
+def test_repeated_label_set_is_served_from_the_cache(serve_url):
+    labels = [f"catalogue item {i}" for i in range(20)]
+    body = {"model": TINY_NAME, "input": [{"image": b64(IMAGES[1])}], "labels": labels,
+            "prompt_templates": ["a photo of {}.", "a product shot of {}."]}
+    first = classify(serve_url, body)
+    second = classify(serve_url, body)
+    assert first.usage.prompt_tokens > 0  # 40 prompts were encoded
+    assert second.usage.prompt_tokens == 0  # no text encoded at all: every classifier came from the cache
+    assert [p.model_dump() for p in first.data[0].predictions] == [p.model_dump() for p in second.data[0].predictions]
+    # a different template set is a different classifier
+    third = classify(serve_url, {**body, "prompt_templates": ["{}"]})
+    assert third.usage.prompt_tokens > 0
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"input": ["x"], "labels": []}, 400, "labels"),
+        ({"input": ["x"], "labels": ["a"] * 51}, 400, "labels"),
+        ({"input": ["x"], "labels": ["a", " "]}, 400, "labels[1]"),
+        ({"input": ["x"], "labels": ["a"], "prompt_templates": ["no slot"]}, 400, "prompt_templates[0]"),
+        ({"input": ["x"], "labels": ["a"], "prompt_templates": "cifar"}, 400, "prompt_templates"),
+        ({"input": [{"image": "bad!"}], "labels": ["a"]}, 400, "input[0]"),
+        ({"input": [], "labels": ["a"]}, 400, "input"),
+        ({"input": ["x"]}, 400, "labels"),
+        ({"input": ["x"], "labels": ["a"], "top_k": 0}, 400, "top_k"),
+        ({"input": ["x"], "labels": ["a"], "model": "nope"}, 404, "model"),
+    ],
+)
+def test_classify_errors(serve_url, body, status, param):
+    assert_error(post(serve_url, body, path="/v1/classify"), status, param)
+
+
+# ------------------------------------------------------------------ /v1/rerank over HTTP
+
+
+def rerank(url: str, body: dict) -> RerankResponse:
+    response = post(url, body, path="/v1/rerank")
+    assert response.status_code == 200, response.text
+    return RerankResponse.model_validate_json(response.text)
+
+
+def test_text_query_over_images(serve_url, reference):
+    documents = [{"image": b64(raw)} for raw in IMAGES]
+    result = rerank(serve_url, {"model": TINY_NAME, "query": "a red car", "documents": documents})
+    query = expected_text(reference, "a red car")
+    expected = [float(expected_image(reference, raw) @ query) for raw in IMAGES]
+    assert [r.index for r in result.results] == list(np.argsort(expected)[::-1])
+    for r in result.results:
+        assert r.relevance_score == pytest.approx(expected[r.index], abs=1e-4)
+        assert r.document is None
+
+
+def test_image_query_over_texts_top_n_and_documents_returned(serve_url, reference):
+    texts = ["a cat", "a dog", "a car", "a tree"]
+    body = {"query": {"type": "image_url", "image_url": {"url": data_uri(IMAGES[2])}}, "documents": texts,
+            "top_n": 2, "return_documents": True}
+    result = rerank(serve_url, body)
+    image = expected_image(reference, IMAGES[2])
+    expected = [float(expected_text(reference, t) @ image) for t in texts]
+    best = list(np.argsort(expected)[::-1][:2])
+    assert [r.index for r in result.results] == best
+    assert [r.document for r in result.results] == [texts[i] for i in best]
+    raw = requests.post(serve_url + "/v1/rerank", json={**body, "return_documents": False}, timeout=30).json()
+    assert "document" not in raw["results"][0]
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"query": "q", "documents": []}, "documents"),
+        ({"query": "q", "documents": ["d"] * 65}, "documents"),
+        ({"query": {"image": "http://x/y.jpg"}, "documents": ["d"]}, "query"),
+        ({"query": "q", "documents": ["d", {"image": "!!"}]}, "documents[1]"),
+        ({"documents": ["d"]}, "query"),
+    ],
+)
+def test_rerank_errors(serve_url, body, param):
+    assert_error(post(serve_url, body, path="/v1/rerank"), 400, param)
+
+
+# ------------------------------------------------------------------ several models in one app
+
+
+def test_each_model_answers_with_its_own_vectors(serve_url, reference, second_reference):
+    body = {"input": ["a boat", {"image": b64(IMAGES[0])}]}
+    first = vectors(post(serve_url, {**body, "model": TINY_NAME}))
+    second = vectors(post(serve_url, {**body, "model": SECOND_NAME}))
+    assert first.shape == (2, 32) and second.shape == (2, 24)
+    for got, ref in ((first, reference), (second, second_reference)):
+        np.testing.assert_allclose(got[0], expected_text(ref, "a boat"), atol=1e-5)
+        np.testing.assert_allclose(got[1], expected_image(ref, IMAGES[0]), atol=1e-5)
+
+
+def test_second_model_classifies_like_open_clip(serve_url, second_reference):
+    result = classify(serve_url, {"model": SECOND_NAME, "input": [{"image": b64(IMAGES[1])}], "labels": LABELS})
+    expected = open_clip_scores(second_reference, IMAGES[1:2], LABELS, ("a photo of a {}.",))[0]
+    got = {p.label: p.score for p in result.data[0].predictions}
+    np.testing.assert_allclose([got[label] for label in LABELS], expected, atol=1e-4)

@@ -8,7 +8,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from serve_app.config import AppArgs
+from serve_app.config import AppArgs, BatchSettings
 from serve_app.encoder import ClipEncoder
 from serve_app.ingress import OpenAIIngress
 from serve_app.preprocess import Preprocessor
@@ -23,11 +23,14 @@ def build_app(args: AppArgs) -> Application:
     for spec in specs:
         encoder_options = spec.encoder.deployment_options()
         encoder_options.setdefault("ray_actor_options", {}).setdefault("num_gpus", 0)
+        # Batching reaches the replica only through user_config, so changing it is a light update
+        # (`reconfigure`), not a restart: the constructor arguments stay the same.
+        constructor_spec = spec.model_copy(update={"batching": BatchSettings()})
         encoders[spec.name] = ClipEncoder.options(
             name=f"ClipEncoder-{spec.slug}",
             user_config=spec.batching.model_dump(),
             **encoder_options,
-        ).bind(spec)
+        ).bind(constructor_spec)
     preprocessor = Preprocessor.options(**args.preprocessor.deployment_options()).bind(specs, args.image_limits)
     return OpenAIIngress.options(**args.ingress.deployment_options()).bind(
         preprocessor, encoders, specs, args.max_inputs_per_request, args.zero_shot

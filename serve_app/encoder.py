@@ -7,6 +7,7 @@ by calls. The forward pass runs on one worker thread, off the event loop, under 
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -132,7 +133,13 @@ class ClipEncoder:
         return float(self._core.model.logit_scale.detach().float().cpu().reshape(-1)[0])
 
     def info(self) -> dict:
-        return {"device": self._core.device, "precision": self._core.precision, "batching": self._batching.model_dump()}
+        """What this replica runs with; `pid` lets tests and operators tell a reconfigure from a restart."""
+        return {
+            "pid": os.getpid(),
+            "device": self._core.device,
+            "precision": self._core.precision,
+            "batching": self._batching.model_dump(),
+        }
 
     async def health(self) -> dict:
         """Age of the last successful encode; probes with a real text encode when it is too old."""

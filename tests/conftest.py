@@ -67,34 +67,53 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def app_args(tiny_model_dir: Path, second_model_dir: Path) -> dict:
+    """The session app's `build_app` args (tests that reconfigure it restore these)."""
+    small_pool = {"num_replicas": 1, "num_cpus": 0.5, "num_gpus": 0, "max_ongoing_requests": 128}
+    batching = {"max_batch_size": 8, "batch_wait_timeout_s": 0.02, "text_max_batch_size": 16}
+    args = {
+        "models": [
+            {"model": f"local-dir:{tiny_model_dir}", "served_model_name": TINY_NAME, "torch_threads": 1,
+             "batching": batching, "encoder": small_pool},
+            {"model": f"local-dir:{second_model_dir}", "served_model_name": SECOND_NAME, "torch_threads": 1,
+             "batching": batching, "encoder": small_pool},
+        ],
+        "max_inputs_per_request": 64,
+        "zero_shot": {"max_labels": 50, "max_templates": 100, "label_cache_size": 1000},
+        "image_limits": {"max_image_pixels": 4_000_000, "max_image_bytes": 2_000_000},
+        "preprocessor": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 64},
+        "ingress": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 256},
+    }
+    return args
+
+
+def deploy_config(args: dict, deployments: list[dict] | None = None) -> None:
+    """Deploys `args` the way `serve run config.yaml` and KubeRay do: a Serve config naming build_app.
+
+    (Not `serve.run(app)`: only config deploys give the stable code version that lets a user_config change
+    reconfigure replicas in place.) Blocks until the application is running.
+    """
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    application = {"name": "clip", "route_prefix": "/", "import_path": "serve_app.app:build_app", "args": args}
+    if deployments:
+        application["deployments"] = deployments
+    config = {"applications": [application]}
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+
+
 @pytest.fixture(scope="session")
 def serve_url(tiny_model_dir: Path, second_model_dir: Path) -> Iterator[str]:
     """A running app (ingress + preprocessor + one encoder per model) serving two tiny models."""
     import ray
     from ray import serve
 
-    from serve_app.app import build_app
-
     port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        small_pool = {"num_replicas": 1, "num_cpus": 0.5, "num_gpus": 0, "max_ongoing_requests": 128}
-        batching = {"max_batch_size": 8, "batch_wait_timeout_s": 0.02, "text_max_batch_size": 16}
-        args = {
-            "models": [
-                {"model": f"local-dir:{tiny_model_dir}", "served_model_name": TINY_NAME, "torch_threads": 1,
-                 "batching": batching, "encoder": small_pool},
-                {"model": f"local-dir:{second_model_dir}", "served_model_name": SECOND_NAME, "torch_threads": 1,
-                 "batching": batching, "encoder": small_pool},
-            ],
-            "max_inputs_per_request": 64,
-            "zero_shot": {"max_labels": 50, "max_templates": 100, "label_cache_size": 1000},
-            "image_limits": {"max_image_pixels": 4_000_000, "max_image_bytes": 2_000_000},
-            "preprocessor": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 64},
-            "ingress": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 256},
-        }
-        serve.run(build_app(args), name="clip", route_prefix="/", blocking=False)
+        deploy_config(app_args(tiny_model_dir, second_model_dir))
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()

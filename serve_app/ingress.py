@@ -56,25 +56,33 @@ def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None
     return JSONResponse(payload, status_code=status, headers=headers)
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
-    """('body', 'input', 3, 'text') -> 'input[3].text'; pydantic's union branch names are dropped."""
+    """('body', 'input', 'list[...]', 3, 'image-part', 'image_url', 'ImageURL') -> 'input[3].image_url'.
+
+    pydantic adds union branches to locations (type names, class names, our hyphenated tags); only
+    field names (lower-case identifiers) and indexes name what the client sent.
+    """
     param = ""
     for part in loc[1:] if loc and loc[0] == "body" else loc:
         if isinstance(part, int):
             param += f"[{part}]"
-        elif part and not any(c in str(part) for c in "[]()") and part not in ("str", "int", "list", "function-after"):
-            param += ("." if param else "") + str(part)
+        elif part.isidentifier() and part[0].islower() and part not in _TYPE_NAMES:
+            param += ("." if param else "") + part
     return param or None
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    # Union types fail once per branch; the deepest location names the offending item best (input[3]).
+    first = max(errors, key=lambda e: len(e.get("loc", ())), default={"loc": (), "msg": "invalid request"})
     if first.get("type") == "json_invalid":
         return _json(error_body(400, "request body is not valid JSON", "invalid_request_error").body, 400)
     param = _param_from_loc(tuple(first.get("loc", ())))
-    messages = "; ".join(dict.fromkeys(str(e.get("msg")) for e in errors[:4]))
+    messages = "; ".join(dict.fromkeys([str(first.get("msg"))] + [str(e.get("msg")) for e in errors[:4]]))
     message = f"invalid value for `{param}`: {messages}" if param else f"invalid request: {messages}"
     if param is None and first.get("type") == "missing":
         message = "request body is required (JSON)"

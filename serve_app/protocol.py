@@ -52,16 +52,20 @@ class JinaImage(WireModel):
 
 
 def _object_kind(value: Any) -> str | None:
+    # Tags are not identifiers, so that error locations can drop them (see ingress._param_from_loc).
     if isinstance(value, dict):
         kind = value.get("type")
-        if kind in ("text", "image_url"):
-            return kind
+        if kind == "text":
+            return "text-part"
+        if kind == "image_url":
+            return "image-part"
         if "image" in value:
-            return "jina_image"
+            return "jina-image"
         if "text" in value:
-            return "jina_text"
+            return "jina-text"
         return None
-    for model, tag in ((TextPart, "text"), (ImagePart, "image_url"), (JinaImage, "jina_image"), (JinaText, "jina_text")):
+    tags = ((TextPart, "text-part"), (ImagePart, "image-part"), (JinaImage, "jina-image"), (JinaText, "jina-text"))
+    for model, tag in tags:
         if isinstance(value, model):
             return tag
     return None
@@ -69,10 +73,10 @@ def _object_kind(value: Any) -> str | None:
 
 InputObject = Annotated[
     Union[
-        Annotated[TextPart, Tag("text")],
-        Annotated[ImagePart, Tag("image_url")],
-        Annotated[JinaImage, Tag("jina_image")],
-        Annotated[JinaText, Tag("jina_text")],
+        Annotated[TextPart, Tag("text-part")],
+        Annotated[ImagePart, Tag("image-part")],
+        Annotated[JinaImage, Tag("jina-image")],
+        Annotated[JinaText, Tag("jina-text")],
     ],
     Discriminator(
         _object_kind,

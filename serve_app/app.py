@@ -22,7 +22,7 @@ def build_app(args: AppArgs) -> Application:
     encoders: dict[str, Any] = {}
     for spec in specs:
         encoder_options = spec.encoder.deployment_options()
-        encoder_options.setdefault("ray_actor_options", {}).setdefault("num_gpus", 0)
+        encoder_options.setdefault("ray_actor_options", {})["num_gpus"] = spec.encoder_gpus
         # Batching reaches the replica only through user_config, so changing it is a light update
         # (`reconfigure`), not a restart: the constructor arguments stay the same.
         constructor_spec = spec.model_copy(update={"batching": BatchSettings()})

@@ -69,7 +69,7 @@ class BatchSettings(StrictModel):
 
 
 def _default_encoder_pool() -> PoolSettings:
-    return PoolSettings(num_replicas=1, max_ongoing_requests=256, num_cpus=1, num_gpus=0)
+    return PoolSettings(num_replicas=1, max_ongoing_requests=256, num_cpus=1)
 
 
 class ModelSpec(StrictModel):
@@ -92,6 +92,19 @@ class ModelSpec(StrictModel):
         if model.startswith("local-dir:"):
             return "local-dir:" + str(Path(model[len("local-dir:"):]).expanduser().resolve())
         return model
+
+    @property
+    def encoder_gpus(self) -> float:
+        """GPUs per encoder replica: as configured, else 1 for device=cuda and 0 otherwise."""
+        if self.encoder.num_gpus is not None:
+            return self.encoder.num_gpus
+        return 1 if self.device == "cuda" else 0
+
+    @model_validator(mode="after")
+    def _cuda_needs_a_gpu(self) -> "ModelSpec":
+        if self.device == "cuda" and self.encoder.num_gpus == 0:
+            raise ValueError("device=cuda with encoder.num_gpus=0: Ray would give the replica no GPU")
+        return self
 
     @property
     def name(self) -> str:
@@ -169,9 +182,8 @@ class AppArgs(StrictModel):
                 precision=self.precision,
                 torch_threads=self.torch_threads,
                 batching=batching,
+                **({"encoder": self.encoder} if self.encoder is not None else {}),
             )
-            if self.encoder is not None:
-                spec.encoder = self.encoder
             specs = [spec]
         names = [s.name for s in specs]
         if len(set(names)) != len(names):

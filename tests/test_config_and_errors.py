@@ -79,3 +79,13 @@ def test_unexpected_errors_are_500_without_details():
     assert mapped.status_code == 500
     assert "secret" not in mapped.body["error"]["message"]
     assert "abc123" in mapped.body["error"]["message"]
+
+
+def test_gpus_per_encoder_follow_the_device_unless_configured():
+    assert ModelSpec(model="ViT-B-32").encoder_gpus == 0
+    assert ModelSpec(model="ViT-B-32", device="cuda").encoder_gpus == 1
+    assert ModelSpec(model="ViT-B-32", device="auto", encoder={"num_gpus": 0.5}).encoder_gpus == 0.5
+    with pytest.raises(ValidationError, match="num_gpus"):
+        ModelSpec(model="ViT-B-32", device="cuda", encoder={"num_gpus": 0})
+    with pytest.raises(ValidationError, match="num_gpus"):
+        AppArgs.model_validate({"device": "cuda", "encoder": {"num_gpus": 0}})

@@ -37,7 +37,7 @@ def test_config_is_a_valid_serve_config_through_build_app(path: Path):
 def test_gpu_config_asks_for_a_gpu_per_encoder_and_cpu_ones_do_not():
     def encoder_gpus(name: str) -> float:
         args = AppArgs.model_validate(yaml.safe_load((ROOT / "deploy" / name).read_text())["applications"][0]["args"])
-        return args.model_specs()[0].encoder.num_gpus
+        return args.model_specs()[0].encoder_gpus
 
     assert encoder_gpus("local-gpu.yaml") == 1
     assert encoder_gpus("local-cpu.yaml") == 0 and encoder_gpus("dev.yaml") == 0

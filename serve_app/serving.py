@@ -57,6 +57,7 @@ class ClipService:
         self.zero_shot = zero_shot or ZeroShotSettings()
         self.label_cache = LabelCache(self.zero_shot.label_cache_size)
         self._logit_scales: dict[str, float] = {}
+        self._pending: dict[tuple[str, tuple[str, ...], str], asyncio.Future] = {}
 
     def model(self, name: str | None) -> ServedModel:
         """The model a request names; omitted means the first configured one."""
@@ -123,20 +124,52 @@ class ClipService:
         return await model.encoder.embed_texts.remote(batch.tokens), sum(batch.token_counts)
 
 
-    async def classifiers(self, model: ServedModel, labels: list[str], templates: tuple[str, ...]) -> tuple[np.ndarray, int]:
-        """(labels, D) classifier vectors, from the label cache where possible; returns text tokens spent."""
+    async def classifiers(
+        self, model: ServedModel, labels: list[str], templates: tuple[str, ...]
+    ) -> tuple[np.ndarray, int]:
+        """(labels, D) classifier vectors, from the label cache where possible; returns text tokens spent.
+
+        Labels already being encoded for a concurrent request are awaited, not encoded again: a burst of
+        requests with one new 80,000-prompt label set encodes it once.
+        """
         check_labels(labels, self.zero_shot.max_labels)
-        cached = self.label_cache.get_many(model.name, templates, labels)
-        missing = list(dict.fromkeys(label for label in labels if label not in cached))
-        tokens = 0
-        if missing:
-            texts = prompts(missing, templates)
-            embedded = await self.embed(model, [TextInput(t, "labels") for t in texts])
-            fresh = dict(zip(missing, classifier_vectors(embedded.vectors, len(missing))))
+        vectors = self.label_cache.get_many(model.name, templates, labels)
+        missing = [label for label in dict.fromkeys(labels) if label not in vectors]
+        keys = {label: (model.name, templates, label) for label in missing}
+        waiting = {label: self._pending[keys[label]] for label in missing if keys[label] in self._pending}
+        mine = [label for label in missing if label not in waiting]
+        tokens = await self._encode_labels(model, mine, templates, keys, vectors) if mine else 0
+        for label, future in waiting.items():
+            try:
+                vectors[label] = await asyncio.shield(future)
+            except Exception:  # the request that was encoding it failed: encode it here
+                tokens += await self._encode_labels(model, [label], templates, keys, vectors)
+        return np.stack([vectors[label] for label in labels]), tokens
+
+    async def _encode_labels(
+        self, model: ServedModel, labels: list[str], templates: tuple[str, ...],
+        keys: dict[str, tuple[str, tuple[str, ...], str]], into: dict[str, np.ndarray],
+    ) -> int:
+        loop = asyncio.get_running_loop()
+        futures = {label: loop.create_future() for label in labels}
+        for label, future in futures.items():
+            self._pending[keys[label]] = future
+        try:
+            embedded = await self.embed(model, [TextInput(t, "labels") for t in prompts(labels, templates)])
+            fresh = dict(zip(labels, classifier_vectors(embedded.vectors, len(labels))))
             self.label_cache.put_many(model.name, templates, fresh)
-            cached = {**cached, **fresh}
-            tokens = embedded.prompt_tokens
-        return np.stack([cached[label] for label in labels]), tokens
+            into.update(fresh)
+            for label, future in futures.items():
+                future.set_result(fresh[label])
+            return embedded.prompt_tokens
+        except BaseException as exc:
+            for future in futures.values():
+                future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
+                future.exception()  # marks it retrieved: no warning when nobody was waiting
+            raise
+        finally:
+            for label in labels:
+                self._pending.pop(keys[label], None)
 
     async def logit_scale(self, model: ServedModel) -> float:
         if model.name not in self._logit_scales:

@@ -197,3 +197,18 @@ def test_second_model_classifies_like_open_clip(serve_url, second_reference):
     expected = open_clip_scores(second_reference, IMAGES[1:2], LABELS, ("a photo of a {}.",))[0]
     got = {p.label: p.score for p in result.data[0].predictions}
     np.testing.assert_allclose([got[label] for label in LABELS], expected, atol=1e-4)
+
+
+def test_a_burst_with_one_new_label_set_encodes_it_once(serve_url):
+    from concurrent.futures import ThreadPoolExecutor
+
+    labels = [f"burst label {i}" for i in range(12)]
+    body = {"model": TINY_NAME, "input": [{"image": b64(IMAGES[2])}], "labels": labels,
+            "prompt_templates": ["a photo of a {}.", "a close-up of a {}.", "{}"]}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda _: classify(serve_url, body), range(8)))
+    spent = [r.usage.prompt_tokens for r in results]
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    once = int((tokenizer(prompts(labels, tuple(body["prompt_templates"]))) != 0).sum())
+    assert sum(spent) == once, spent  # one request encoded the 36 prompts; the others waited for it
+    assert len({tuple(p.label for p in r.data[0].predictions) for r in results}) == 1

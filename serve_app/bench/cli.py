@@ -1,0 +1,337 @@
+"""`clip-bench`: bare, load, compare and gpu (see the package docstring and BENCHMARKS.md).
+
+    clip-bench bare --model ViT-B-32 --pretrained random --threads 2
+    clip-bench load --url http://127.0.0.1:8000 --model vitb32 --payload image --concurrency 1,8,32
+    clip-bench compare --model ViT-B-32 --pretrained random --levels 1,32
+    clip-bench gpu --smoke
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUT = Path("bench-out")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _strs(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, height = text.lower().split("x")
+    return int(width), int(height)
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def _out_paths(args: argparse.Namespace, mode: str) -> tuple[Path, Path]:
+    base = Path(args.out) if args.out else DEFAULT_OUT / f"{mode}-{_stamp()}.json"
+    return base, base.with_suffix(".png")
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="ViT-B-32", help="open_clip id: a built-in name, local-dir:/path, hf-hub:...")
+    parser.add_argument("--pretrained", default="random", help="pretrained tag; 'random' (default) for random weights; "
+                        "'' for none (local-dir/hf-hub)")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch intra-op threads")
+
+
+def _load_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--duration", type=float, default=15.0, help="measurement window per level, seconds")
+    parser.add_argument("--warmup", type=float, default=3.0, help="load before each window, seconds (not counted)")
+    parser.add_argument("--max-requests", type=int, default=None, help="close a level's window after this many")
+    parser.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _load_settings(args: argparse.Namespace) -> Any:
+    from serve_app.bench.loadgen import LoadSettings
+
+    return LoadSettings(duration_s=args.duration, warmup_s=args.warmup, max_requests=args.max_requests,
+                        timeout_s=args.timeout, progress=not args.no_progress and sys.stderr.isatty())
+
+
+def _pretrained(value: str | None) -> str | None:
+    return value or None
+
+
+# ------------------------------------------------------------------ bare
+
+
+def cmd_bare(args: argparse.Namespace) -> int:
+    from serve_app.bench.bare import BareModel, BareSettings, bare_report, model_spec
+    from serve_app.bench.report import fmt, format_table, write_json
+
+    width, height = _size(args.image_size)
+    settings = BareSettings(image_batches=_ints(args.image_batches), text_batches=_ints(args.text_batches),
+                            min_seconds=args.min_seconds, min_iterations=args.min_iterations,
+                            warmup_iterations=args.warmup_iterations, width=width, height=height)
+    spec = model_spec(args.model, _pretrained(args.pretrained), args.threads, args.device, args.precision)
+    bare = BareModel(spec, settings)
+    report = bare_report(bare.run(tuple(_strs(args.modalities))), settings)
+    json_path, _ = _out_paths(args, "bare")
+    write_json(json_path, report)
+    rows = [[r["modality"], r["batch"], fmt(r["items_per_s"], 2), fmt(r["batch_latency_ms"]["p50"]),
+             fmt(r["batch_latency_ms"]["p95"]), r["iterations"]] for r in report["results"]]
+    print(format_table(["modality", "batch", "items/s", "batch p50 ms", "batch p95 ms", "iterations"], rows))
+    print(f"model {args.model} ({report['device']}, {report['precision']}, {report['threads']} threads), "
+          f"loaded in {report['load_seconds']}s; JSON: {json_path}")
+    return 0
+
+
+# ------------------------------------------------------------------ load
+
+
+def make_load_payload(args: argparse.Namespace, kind: str | None = None) -> Any:
+    from serve_app.bench.payloads import make_payload
+
+    width, height = _size(args.image_size)
+    templates: Any = args.templates
+    if templates and templates not in ("imagenet",):
+        templates = [t for t in templates.split("|") if t]
+    return make_payload(
+        kind or args.payload, model=args.model, width=width, height=height, items_per_request=args.items_per_request,
+        distinct=args.distinct, labels=args.labels, templates=templates or None, invalid_every=args.invalid_every,
+        path=args.path,
+    )
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from serve_app.bench.loadgen import Level, load_report, run_load
+    from serve_app.bench.plot import plot_load
+    from serve_app.bench.report import fmt, format_table, write_json
+
+    if (args.concurrency is None) == (args.rate is None):
+        args.concurrency = args.concurrency or "1,8,32"
+    levels = ([Level(rate=r) for r in _floats(args.rate)] if args.rate
+              else [Level(concurrency=c) for c in _ints(args.concurrency)])
+    settings = _load_settings(args)
+    payload = make_load_payload(args).prepare()
+    report: dict[str, Any] = {}
+    if args.cold_first:
+        # one request alone before any load: the cold cost (e.g. /v1/classify before its label cache is warm)
+        from serve_app.bench.loadgen import LoadSettings
+
+        cold = run_load(args.url, payload, [Level(concurrency=1)],
+                        LoadSettings(duration_s=settings.timeout_s, warmup_s=0, max_requests=1,
+                                     timeout_s=settings.timeout_s, progress=False))[0]
+        report["cold_first_request"] = cold.to_dict()
+    results = run_load(args.url, payload, levels, settings)
+    report = {**load_report(args.url, payload, settings, results), **report}
+    if args.compare_to:
+        baseline_payload = make_load_payload(args, args.compare_to).prepare()
+        baseline = run_load(args.url, baseline_payload, levels, settings)
+        report["baseline"] = {"payload": baseline_payload.describe(), "levels": [r.to_dict() for r in baseline]}
+        report["ratio_to_baseline"] = [
+            {"level": lv.concurrency or lv.rate,
+             "p50_latency": _ratio(r.latency_ms["p50"], b.latency_ms["p50"]),
+             "requests_per_s": _ratio(r.requests_per_s, b.requests_per_s)}
+            for lv, r, b in zip(levels, results, baseline)
+        ]
+    json_path, png_path = _out_paths(args, "load")
+    write_json(json_path, report)
+    if not args.no_plot:
+        plot_load(report, png_path)
+    rows = [[r.concurrency if r.concurrency is not None else f"{r.rate:g}/s", fmt(r.requests_per_s, 2),
+             fmt(r.items_per_s, 2), fmt(r.latency_ms["p50"]), fmt(r.latency_ms["p95"]), fmt(r.latency_ms["p99"]),
+             r.ok, ", ".join(f"{k}: {v}" for k, v in r.errors.items()) or "0"] for r in results]
+    print(format_table(["level", "req/s", "items/s", "p50 ms", "p95 ms", "p99 ms", "ok", "errors"], rows))
+    for ratio in report.get("ratio_to_baseline", []):
+        print(f"level {ratio['level']}: {args.payload} ÷ {args.compare_to}: p50 latency × {fmt(ratio['p50_latency'], 2)}, "
+              f"req/s × {fmt(ratio['requests_per_s'], 2)}")
+    if "cold_first_request" in report:
+        print(f"cold first request: {fmt(report['cold_first_request']['latency_ms']['p50'])} ms")
+    print(f"JSON: {json_path}" + ("" if args.no_plot else f"; plot: {png_path}"))
+    return 0
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+# ------------------------------------------------------------------ compare
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from serve_app.bench.bare import BareSettings
+    from serve_app.bench.compare import CompareSettings, compare_tables, plot_compare, run_compare
+    from serve_app.bench.loadgen import LoadSettings
+    from serve_app.bench.report import write_json
+
+    width, height = _size(args.image_size)
+    levels = _ints(args.levels)
+    image_batches = _ints(args.bare_image_batches) if args.bare_image_batches else sorted(
+        {1, *(b for b in (8, 32) if b <= max(levels)), min(max(levels), 32)})
+    text_batches = _ints(args.bare_text_batches) if args.bare_text_batches else sorted({1, min(max(levels), 32)})
+    settings = CompareSettings(
+        model=args.model, pretrained=_pretrained(args.pretrained), threads=args.threads, levels=levels,
+        modalities=_strs(args.modalities), systems=_strs(args.systems), width=width, height=height,
+        distinct=args.distinct,
+        load=LoadSettings(duration_s=args.duration, warmup_s=args.warmup, max_requests=args.max_requests,
+                          timeout_s=args.timeout, progress=not args.no_progress and sys.stderr.isatty()),
+        bare=BareSettings(image_batches=image_batches, text_batches=text_batches, min_seconds=args.bare_min_seconds,
+                          min_iterations=args.bare_min_iterations, warmup_iterations=args.bare_warmup_iterations,
+                          width=width, height=height),
+        app_args=json.loads(args.app_args) if args.app_args else {},
+        startup_timeout_s=args.startup_timeout, infinity_bin=args.infinity_bin, workdir=args.workdir,
+        import_path=args.import_path, pythonpath=args.pythonpath,
+    )
+    result = run_compare(settings)
+    result["command"] = " ".join(["clip-bench", *sys.argv[1:]]) if args.argv is None else " ".join(args.argv)
+    json_path, png_path = _out_paths(args, "compare")
+    write_json(json_path, result)
+    tables = compare_tables(result)
+    if not args.no_plot:
+        plot_compare(result, png_path)
+    json_path.with_suffix(".md").write_text(tables + "\n", encoding="utf-8")
+    print(tables)
+    print(f"JSON: {json_path}; table: {json_path.with_suffix('.md')}" + ("" if args.no_plot else f"; plot: {png_path}"))
+    return 0
+
+
+# ------------------------------------------------------------------ gpu
+
+
+def cmd_gpu(args: argparse.Namespace) -> int:
+    from serve_app.bench.gpu import GpuSettings, run_gpu, summary_table
+
+    settings = None
+    if not args.smoke:
+        settings = GpuSettings(
+            model=args.model, pretrained=_pretrained(args.pretrained), device=args.device,
+            precisions=_strs(args.precisions), batches=_ints(args.batches), compile_batches=_ints(args.compile_batches),
+            attention=_strs(args.attention), compile=not args.no_compile, text_batches=_ints(args.text_batches),
+            gflop_per_image=args.gflop_per_image, peak_tflops=args.peak_tflops, budget_s=args.budget,
+            served=not args.no_served, served_seconds=args.served_seconds,
+            served_concurrency=args.served_concurrency, served_images_per_request=args.served_images_per_request,
+            served_image_size=_size(args.image_size), served_max_batch_size=args.served_max_batch_size,
+            served_preprocessors=args.served_preprocessors, served_ingress=args.served_ingress,
+        )
+    json_path = Path(args.out) if args.out else DEFAULT_OUT / f"gpu-{_stamp()}.json"
+    result = run_gpu(settings, json_path, smoke=args.smoke)
+    table = summary_table(result)
+    json_path.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    print(f"JSON: {json_path}")
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clip-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode", required=True)
+
+    bare = sub.add_parser("bare", help="the model in-process, no server: items/s at several batch sizes")
+    _model_args(bare)
+    bare.add_argument("--device", default="cpu")
+    bare.add_argument("--precision", default="auto")
+    bare.add_argument("--modalities", default="image,text")
+    bare.add_argument("--image-batches", default="1,8,32")
+    bare.add_argument("--text-batches", default="1,32")
+    bare.add_argument("--image-size", default="640x480", help="JPEG size WxH")
+    bare.add_argument("--min-seconds", type=float, default=3.0)
+    bare.add_argument("--min-iterations", type=int, default=2)
+    bare.add_argument("--warmup-iterations", type=int, default=1)
+    bare.add_argument("--out", default=None, help="JSON path (default bench-out/bare-<time>.json)")
+    bare.set_defaults(func=cmd_bare)
+
+    load = sub.add_parser("load", help="load generator against a running OpenAI-compatible embeddings URL")
+    load.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8000")
+    load.add_argument("--model", default=None, help="the `model` field to send")
+    load.add_argument("--payload", default="image", help="image | text | classify")
+    load.add_argument("--path", default=None, help="override the endpoint path of the payload kind")
+    load.add_argument("--concurrency", default=None, help="comma-separated levels (default 1,8,32)")
+    load.add_argument("--rate", default=None, help="comma-separated fixed request rates (req/s) instead")
+    load.add_argument("--image-size", default="640x480", help="JPEG size WxH")
+    load.add_argument("--items-per-request", type=int, default=1)
+    load.add_argument("--distinct", type=int, default=128, help="distinct request bodies cycled through")
+    load.add_argument("--labels", type=int, default=1000, help="classify: number of labels")
+    load.add_argument("--templates", default="imagenet", help="classify: 'imagenet' or templates joined by '|'")
+    load.add_argument("--invalid-every", type=int, default=0, help="every n-th request carries a corrupt item")
+    load.add_argument("--compare-to", default=None, help="also run this payload kind (e.g. image) and report ratios")
+    load.add_argument("--cold-first", action="store_true", help="time one request alone before the load")
+    load.add_argument("--no-plot", action="store_true")
+    load.add_argument("--out", default=None, help="JSON path (PNG beside it; default bench-out/load-<time>.json)")
+    _load_args(load)
+    load.set_defaults(func=cmd_load)
+
+    compare = sub.add_parser("compare", help="bare vs our service vs the naive server vs infinity-emb, one run")
+    _model_args(compare)
+    compare.add_argument("--levels", default="1,32", help="concurrency levels")
+    compare.add_argument("--modalities", default="image,text")
+    compare.add_argument("--systems", default="ours,naive,infinity", help="infinity is skipped when not installed")
+    compare.add_argument("--image-size", default="640x480")
+    compare.add_argument("--distinct", type=int, default=128)
+    compare.add_argument("--bare-image-batches", default=None, help="default: 1, 8 and 32 up to the top level")
+    compare.add_argument("--bare-text-batches", default=None, help="default: 1 and min(top level, 32)")
+    compare.add_argument("--bare-min-seconds", type=float, default=3.0)
+    compare.add_argument("--bare-min-iterations", type=int, default=2)
+    compare.add_argument("--bare-warmup-iterations", type=int, default=1)
+    compare.add_argument("--app-args", default=None, help="JSON merged over our build_app args, e.g. "
+                         "'{\"preprocessor\": {\"num_cpus\": 0.5}}'")
+    compare.add_argument("--import-path", default="serve_app.app:build_app",
+                         help="our app builder; another one measures an experiment the same way")
+    compare.add_argument("--pythonpath", default=None, help="prepended to PYTHONPATH of our server")
+    compare.add_argument("--startup-timeout", type=float, default=180.0)
+    compare.add_argument("--infinity-bin", default=None, help="infinity_emb CLI (default: PATH, /tmp/infinity-venv)")
+    compare.add_argument("--workdir", default=None, help="configs, logs, the HF model (default: a temp dir)")
+    compare.add_argument("--no-plot", action="store_true")
+    compare.add_argument("--out", default=None, help="JSON path (.md table and .png beside it)")
+    _load_args(compare)
+    compare.set_defaults(func=cmd_compare, argv=None)
+
+    gpu = sub.add_parser("gpu", help="the prepared GPU run (ViT-g/14 random weights); --smoke: tiny model on CPU")
+    gpu.add_argument("--smoke", action="store_true", help="tiny random model on the CPU: tests the whole path")
+    gpu.add_argument("--model", default="ViT-g-14")
+    gpu.add_argument("--pretrained", default="random")
+    gpu.add_argument("--device", default="cuda")
+    gpu.add_argument("--precisions", default="bf16,fp16")
+    gpu.add_argument("--batches", default="1,2,4,8,16,32,64,128,256")
+    gpu.add_argument("--compile-batches", default="1,32,128,256")
+    gpu.add_argument("--attention", default="sdpa,math", help="sdpa: fused kernels; math: the unfused kernel")
+    gpu.add_argument("--no-compile", action="store_true")
+    gpu.add_argument("--text-batches", default="256,1024")
+    gpu.add_argument("--gflop-per-image", type=float, default=None, help="default 534 for ViT-g-14, else counted")
+    gpu.add_argument("--peak-tflops", type=float, default=989.0)
+    gpu.add_argument("--budget", type=float, default=420.0, help="seconds; later configurations are skipped")
+    gpu.add_argument("--no-served", action="store_true")
+    gpu.add_argument("--served-seconds", type=float, default=30.0)
+    gpu.add_argument("--served-concurrency", type=int, default=64)
+    gpu.add_argument("--served-images-per-request", type=int, default=8)
+    gpu.add_argument("--served-max-batch-size", type=int, default=128)
+    gpu.add_argument("--served-preprocessors", type=int, default=None)
+    gpu.add_argument("--served-ingress", type=int, default=2)
+    gpu.add_argument("--image-size", default="640x480")
+    gpu.add_argument("--out", default=None, help="JSON path (default bench-out/gpu-<time>.json; .md beside it)")
+    gpu.set_defaults(func=cmd_gpu)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "argv", "missing") is None and argv is not None:
+        args.argv = ["clip-bench", *argv]
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

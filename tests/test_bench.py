@@ -76,6 +76,7 @@ def test_classify_payload_has_issue_3_shape():
     body = json.loads(request.body)
     assert request.path == "/v1/classify"
     assert len(body["labels"]) == 5 and body["prompt_templates"] == "imagenet" and len(body["input"]) == 1
+    assert body["modality"] == "image"  # plain strings are images only with infinity's `modality`
 
 
 def test_invalid_every_marks_requests():
@@ -273,3 +274,11 @@ def test_gpu_budget_skips_and_records():
 
     run = GpuRun(GpuSettings(device="cpu", budget_s=0.0, served=False), None).run()
     assert run["image"] == [] and run["skipped"]
+
+
+def test_cli_gpu_smoke_writes_json_and_table(tmp_path: Path, capsys):
+    out = tmp_path / "gpu.json"
+    main(["gpu", "--smoke", "--no-served", "--no-compile", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["served"] is None and result["image"] and result["settings"]["device"] == "cpu"
+    assert "images/s" in out.with_suffix(".md").read_text() and "MFU %" in capsys.readouterr().out

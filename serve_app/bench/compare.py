@@ -15,7 +15,7 @@ from typing import Any
 from serve_app.bench.bare import BareModel, BareSettings, model_spec, reference, single_latency_ms
 from serve_app.bench.loadgen import Level, LoadSettings, run_load
 from serve_app.bench.payloads import ImagePayload, PayloadKind, TextPayload
-from serve_app.bench.report import fmt, format_table, loadavg, machine_info
+from serve_app.bench.report import fmt, format_table, git_state, loadavg, machine_info
 from serve_app.bench.servers import InfinityServer, ManagedServer, NaiveServer, OurServer, find_infinity
 
 SYSTEMS = ("ours", "naive", "infinity")
@@ -119,6 +119,7 @@ def run_compare(settings: CompareSettings) -> dict[str, Any]:
     if "infinity" in systems and settings.model.replace("/", "-") != "ViT-B-32":
         _log("infinity serves a random HF CLIP of ViT-B/32 size only: skipping it for this model")
         systems.remove("infinity")
+    machine = machine_info()  # the load average before anything of ours runs
     workdir = Path(settings.workdir or tempfile.mkdtemp(prefix="clip-bench-"))
     payloads = {m: _payload(m, settings) for m in settings.modalities}
     levels = [Level(concurrency=c) for c in settings.levels]
@@ -161,7 +162,8 @@ def run_compare(settings: CompareSettings) -> dict[str, Any]:
     return {
         "tool": "clip-bench compare",
         "settings": {**asdict(settings), "systems": systems},
-        "machine": machine_info(),
+        "machine": machine,
+        "git": git_state(),
         "loadavg_end": loadavg(),
         "bare_load_seconds": round(bare.load_seconds, 2),
         "bare_runs": bare_runs,

@@ -113,7 +113,7 @@ async def _send(client: Any, url: str, request: HttpRequest, settings: LoadSetti
     except httpx.HTTPError as exc:
         return type(exc).__name__
     outcome = str(response.status_code)
-    if settings.verify and _is_ok(outcome) and request.path.endswith("/embeddings"):
+    if settings.verify and _is_ok(outcome) and request.path.endswith(("/embeddings", "/classify")):
         if not _check_body(response.content, request.items):
             return "bad-response"
     return outcome

@@ -181,14 +181,16 @@ class ClassifyPayload(ImagePayload):
         k = self.items_per_request
         bodies = []
         for i in range(self.distinct):
-            body: dict[str, Any] = {"model": self.model, "input": uris[i * k : (i + 1) * k], "labels": labels}
+            body: dict[str, Any] = {
+                "model": self.model, "input": uris[i * k : (i + 1) * k], "labels": labels, "modality": "image",
+            }
             if self.templates is not None:
                 body["prompt_templates"] = self.templates
             bodies.append(body)
         return bodies
 
     def invalid_body(self) -> dict[str, Any]:
-        return {"model": self.model, "input": [jpeg_data_uri(b"not an image")], "labels": ["a", "b"]}
+        return {"model": self.model, "input": [jpeg_data_uri(b"not an image")], "labels": ["a", "b"], "modality": "image"}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "labels": self.labels, "templates": self.templates}

@@ -61,6 +61,22 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def git_state(directory: str | Path | None = None) -> dict[str, Any] | None:
+    """The commit a number was measured at, and whether the work tree had local changes."""
+    import subprocess
+
+    cwd = str(directory or Path(__file__).resolve().parents[2])
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
 def loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]

@@ -4,6 +4,7 @@
     clip-bench load --url http://127.0.0.1:8000 --model vitb32 --payload image --concurrency 1,8,32
     clip-bench compare --model ViT-B-32 --pretrained random --levels 1,32
     clip-bench gpu --smoke
+    clip-bench checkpoint /tmp/vitg14-random --arch ViT-g-14
 """
 
 import argparse
@@ -208,10 +209,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_gpu(args: argparse.Namespace) -> int:
-    from serve_app.bench.gpu import GpuSettings, run_gpu, summary_table
+    import tempfile
 
-    settings = None
-    if not args.smoke:
+    from serve_app.bench.gpu import GpuSettings, run_gpu, smoke_settings, summary_table
+
+    if args.smoke:
+        settings = smoke_settings(Path(tempfile.mkdtemp(prefix="clip-bench-gpu-smoke-")))
+        settings.served = not args.no_served
+        settings.compile = not args.no_compile
+        settings.served_import_path = args.served_import_path
+    else:
         settings = GpuSettings(
             model=args.model, pretrained=_pretrained(args.pretrained), device=args.device,
             precisions=_strs(args.precisions), batches=_ints(args.batches), compile_batches=_ints(args.compile_batches),
@@ -221,13 +228,35 @@ def cmd_gpu(args: argparse.Namespace) -> int:
             served_concurrency=args.served_concurrency, served_images_per_request=args.served_images_per_request,
             served_image_size=_size(args.image_size), served_max_batch_size=args.served_max_batch_size,
             served_preprocessors=args.served_preprocessors, served_ingress=args.served_ingress,
+            served_import_path=args.served_import_path,
         )
     json_path = Path(args.out) if args.out else DEFAULT_OUT / f"gpu-{_stamp()}.json"
-    result = run_gpu(settings, json_path, smoke=args.smoke)
+    result = run_gpu(settings, json_path)
     table = summary_table(result)
     json_path.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
     print(table)
     print(f"JSON: {json_path}")
+    return 0
+
+
+# ------------------------------------------------------------------ checkpoint
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    """A random-weight `local-dir:` checkpoint of a built-in architecture (real sizes, real load path)."""
+    import open_clip
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    from serve_app.dev_model import write_tiny_model
+
+    model_cfg = open_clip.get_model_config(args.arch)
+    if model_cfg is None:
+        raise SystemExit(f"unknown open_clip architecture {args.arch!r}")
+    preprocess_cfg = {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
+                      "interpolation": "bicubic", "resize_mode": "shortest"}
+    started = time.perf_counter()
+    path = write_tiny_model(args.directory, seed=args.seed, model_cfg=model_cfg, preprocess_cfg=preprocess_cfg)
+    print(f"{path} ({args.arch}, random weights) written in {time.perf_counter() - started:.0f}s")
     return 0
 
 
@@ -305,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--device", default="cuda")
     gpu.add_argument("--precisions", default="bf16,fp16")
     gpu.add_argument("--batches", default="1,2,4,8,16,32,64,128,256")
-    gpu.add_argument("--compile-batches", default="1,32,128,256")
+    gpu.add_argument("--compile-batches", default="1,2,4,8,16,32,64,128,256")
     gpu.add_argument("--attention", default="sdpa,math", help="sdpa: fused kernels; math: the unfused kernel")
     gpu.add_argument("--no-compile", action="store_true")
     gpu.add_argument("--text-batches", default="256,1024")
@@ -319,9 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--served-max-batch-size", type=int, default=128)
     gpu.add_argument("--served-preprocessors", type=int, default=None)
     gpu.add_argument("--served-ingress", type=int, default=2)
+    gpu.add_argument("--served-import-path", default="serve_app.app:build_app", help="our app builder (or an experiment)")
     gpu.add_argument("--image-size", default="640x480")
     gpu.add_argument("--out", default=None, help="JSON path (default bench-out/gpu-<time>.json; .md beside it)")
     gpu.set_defaults(func=cmd_gpu)
+    checkpoint = sub.add_parser("checkpoint", help="write a random-weight local-dir checkpoint of an architecture")
+    checkpoint.add_argument("directory")
+    checkpoint.add_argument("--arch", default="ViT-g-14", help="a built-in open_clip architecture")
+    checkpoint.add_argument("--seed", type=int, default=0)
+    checkpoint.set_defaults(func=cmd_checkpoint)
     return parser
 
 

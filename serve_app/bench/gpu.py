@@ -34,7 +34,9 @@ class GpuSettings:
     device: str = "cuda"
     precisions: list[str] = field(default_factory=lambda: ["bf16", "fp16"])
     batches: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
-    compile_batches: list[int] = field(default_factory=lambda: [1, 32, 128, 256])
+    # torch.compile specialises on the first batch size and recompiles once with a dynamic batch dimension at
+    # the second; later sizes reuse that graph (so the sweep costs two compiles, not one per size)
+    compile_batches: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
     attention: list[str] = field(default_factory=lambda: ["sdpa", "math"])
     compile: bool = True
     min_seconds: float = 1.0  # per measurement, after warm-up
@@ -53,6 +55,7 @@ class GpuSettings:
     served_max_batch_size: int = 128
     served_preprocessors: int | None = None  # None: cores - 4, at least 1
     served_ingress: int = 2
+    served_import_path: str = "serve_app.app:build_app"  # or an experiment's builder
     threads: int | None = None  # CPU threads for the CPU smoke run
 
 
@@ -188,19 +191,20 @@ class GpuRun:
                     else count_gflop_per_image(model, size, dtype, s.device)
             self.result.setdefault("gflop_per_image", gflop)
             self.result.setdefault("load_seconds", {})[precision] = round(load_s, 2)
-            # priority: eager sweeps first (sdpa, then math), then compiled; text and served on the first precision
-            plans = [(False, attention, s.batches) for attention in s.attention]
-            if s.compile:
-                plans += [(True, attention, s.compile_batches) for attention in s.attention]
-            for compiled, attention, batches in plans:
-                self._image_sweep(model, precision, dtype, size, gflop, compiled, attention, batches)
+            # priority within the budget: eager sweeps (sdpa, then math); on the first precision text and the
+            # served run; then the compiled sweeps (compiling costs minutes on a large model)
+            for attention in s.attention:
+                self._image_sweep(model, precision, dtype, size, gflop, False, attention, s.batches)
             if first:
                 self._texts(model, precision)
+                if s.served:
+                    self._served(precision)
+            if s.compile:
+                for attention in s.attention:
+                    self._image_sweep(model, precision, dtype, size, gflop, True, attention, s.compile_batches)
             del model
             if s.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            if first and s.served:
-                self._served(precision)
             first = False
         self.save()
         return self.result
@@ -278,7 +282,7 @@ class GpuRun:
             import ray  # noqa: F401
             from ray import serve  # noqa: F401
 
-            from serve_app.app import build_app  # noqa: F401
+            _builder(s.served_import_path)
         except Exception as exc:
             self._skip("served", f"Ray Serve or the service cannot be imported here: {type(exc).__name__}: {exc}")
             return
@@ -290,6 +294,13 @@ class GpuRun:
         self.save()
 
 
+def _builder(import_path: str) -> Callable[[Any], Any]:
+    import importlib
+
+    module, _, name = import_path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def served_throughput(s: GpuSettings, precision: str) -> dict[str, Any]:
     """Starts our app on a local Ray Serve in this process, loads it with JPEGs, shuts it down."""
     import os
@@ -298,7 +309,6 @@ def served_throughput(s: GpuSettings, precision: str) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from serve_app.app import build_app
     from serve_app.bench.loadgen import Level, LoadSettings, run_load, wait_until_serving
     from serve_app.bench.payloads import ImagePayload
 
@@ -325,7 +335,7 @@ def served_throughput(s: GpuSettings, precision: str) -> dict[str, Any]:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         started = time.perf_counter()
-        serve.run(build_app(args), name="clip", route_prefix="/", blocking=False)
+        serve.run(_builder(s.served_import_path)(args), name="clip", route_prefix="/", blocking=False)
         width, height = s.served_image_size
         payload = ImagePayload(model="bench", width=width, height=height, items_per_request=s.served_images_per_request,
                                distinct=32).prepare()
@@ -338,7 +348,7 @@ def served_throughput(s: GpuSettings, precision: str) -> dict[str, Any]:
         serve.shutdown()
         ray.shutdown()
     return {
-        "precision": precision, "app_args": args, "startup_s": round(startup_s, 1),
+        "precision": precision, "import_path": s.served_import_path, "app_args": args, "startup_s": round(startup_s, 1),
         "image_size": [width, height], **level.to_dict(), "images_per_s": level.items_per_s,
     }
 

@@ -91,6 +91,13 @@ class ClipEncoder:
         self._batching = spec.batching
         # One thread: forward passes of the two queues never compete for the same cores or device.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        # Set while no forward pass runs. Ray 2.60's @serve.batch cuts a batch `batch_wait_timeout_s` after
+        # its first item even while the previous batch still runs (it takes the max_concurrent_batches
+        # semaphore only after cutting), so under load a slow pass leaves a train of tiny batches behind it.
+        # Calls wait here instead, and enter the queue together when the pass ends: one full batch.
+        self._forward_idle = asyncio.Event()
+        self._forward_idle.set()
+        self._batches_running = 0  # image and text batches share the gate
         self._last_success: float | None = None
         self._consecutive_failures = 0
         self._warm_up()
@@ -165,6 +172,7 @@ class ClipEncoder:
 
     async def _embed(self, rows: torch.Tensor, queue, max_rows: int) -> np.ndarray:
         enqueued = time.perf_counter()
+        await self._forward_idle.wait()
         pieces = [_Rows(rows[i : i + max_rows], enqueued) for i in range(0, len(rows), max_rows)]
         results = await asyncio.gather(*(queue(piece) for piece in pieces))
         for result in results:
@@ -184,8 +192,15 @@ class ClipEncoder:
         now = time.perf_counter()
         for item in items:
             metrics.observe_queue_wait(self._spec.name, modality, now - item.enqueued)
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._worker, self._forward_isolated, items, forward)
+        self._batches_running += 1
+        self._forward_idle.clear()
+        try:
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self._worker, self._forward_isolated, items, forward)
+        finally:
+            self._batches_running -= 1
+            if not self._batches_running:
+                self._forward_idle.set()
         metrics.observe_batch(self._spec.name, modality, _count_rows(items), time.perf_counter() - now)
         return results
 

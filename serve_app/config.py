@@ -63,9 +63,11 @@ class BatchSettings(StrictModel):
     """Dynamic batching of one encoder; changeable at run time through `user_config`."""
 
     max_batch_size: int = Field(default=32, ge=1, le=4096)
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0.0, le=10.0)
+    # Short: while a forward pass runs, the encoder holds new calls back and lets them in together, so
+    # batches fill under load without a long wait; an idle encoder should start almost at once.
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0.0, le=10.0)
     text_max_batch_size: int = Field(default=64, ge=1, le=4096)
-    text_batch_wait_timeout_s: float = Field(default=0.005, ge=0.0, le=10.0)
+    text_batch_wait_timeout_s: float = Field(default=0.002, ge=0.0, le=10.0)
 
 
 def _default_encoder_pool() -> PoolSettings:
@@ -156,10 +158,10 @@ class AppArgs(StrictModel):
     models: list[ModelSpec] | None = None
     # shared pools and limits
     preprocessor: PoolSettings = Field(
-        default_factory=lambda: PoolSettings(num_replicas=1, max_ongoing_requests=64, num_cpus=1)
+        default_factory=lambda: PoolSettings(num_replicas=1, max_ongoing_requests=64, num_cpus=0.5)
     )
     ingress: PoolSettings = Field(
-        default_factory=lambda: PoolSettings(num_replicas=1, max_ongoing_requests=256, num_cpus=0.5)
+        default_factory=lambda: PoolSettings(num_replicas=1, max_ongoing_requests=256, num_cpus=0.25)
     )
     max_inputs_per_request: int = Field(default=2048, ge=1)
     image_limits: ImageLimits = Field(default_factory=ImageLimits)

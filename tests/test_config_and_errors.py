@@ -89,3 +89,10 @@ def test_gpus_per_encoder_follow_the_device_unless_configured():
         ModelSpec(model="ViT-B-32", device="cuda", encoder={"num_gpus": 0})
     with pytest.raises(ValidationError, match="num_gpus"):
         AppArgs.model_validate({"device": "cuda", "encoder": {"num_gpus": 0}})
+
+
+def test_default_pools_fit_a_two_cpu_laptop():
+    """Ray counts logical CPUs: defaults over 2 would leave a replica unscheduled on a 2-core machine."""
+    args = AppArgs()
+    reserved = args.preprocessor.num_cpus + args.ingress.num_cpus + sum(s.encoder.num_cpus for s in args.model_specs())
+    assert reserved <= 2

@@ -282,3 +282,20 @@ def test_cli_gpu_smoke_writes_json_and_table(tmp_path: Path, capsys):
     result = json.loads(out.read_text())
     assert result["served"] is None and result["image"] and result["settings"]["device"] == "cpu"
     assert "images/s" in out.with_suffix(".md").read_text() and "MFU %" in capsys.readouterr().out
+
+
+def test_our_app_args_fit_small_machines(monkeypatch):
+    import os
+
+    from serve_app.bench.compare import SMALL_MACHINE_ARGS, CompareSettings, default_cpu_reservation, our_app_args
+
+    settings = CompareSettings(model="ViT-B-32", pretrained="random", threads=2)
+    needed = default_cpu_reservation({"model": "ViT-B-32"})
+    monkeypatch.setattr(os, "cpu_count", lambda: int(needed) + 8)
+    roomy = our_app_args(settings)
+    assert "preprocessor" not in roomy and roomy["torch_threads"] == 2 and roomy["served_model_name"] == "bench"
+    monkeypatch.setattr(os, "cpu_count", lambda: 1 if needed > 1 else 0)
+    small = our_app_args(settings)
+    assert small["preprocessor"] == SMALL_MACHINE_ARGS["preprocessor"] and small["ingress"] == SMALL_MACHINE_ARGS["ingress"]
+    settings.app_args = {"ingress": {"num_cpus": 0.1}}  # explicit args win
+    assert our_app_args(settings)["ingress"] == {"num_cpus": 0.1}

@@ -45,10 +45,19 @@ class CompareSettings:
     workdir: str | None = None
 
 
-# The service's default Ray CPU reservations (encoder 1 + preprocessor 1 + ingress 0.5) do not fit a 2-CPU
-# machine: `serve run` then never schedules the ingress. On such a machine the bench shrinks the two light pools'
-# reservations (Ray's logical CPUs only; every process still runs on all cores).
+# Where the service's default Ray CPU reservations exceed the machine's CPUs (they were encoder 1 + preprocessor 1
+# + ingress 0.5 = 2.5 until commit 17a4822), `serve run` never schedules the ingress. There the bench shrinks the
+# two light pools' reservations (Ray's logical CPUs only; every process still runs on all cores).
 SMALL_MACHINE_ARGS: dict[str, Any] = {"preprocessor": {"num_cpus": 0.5}, "ingress": {"num_cpus": 0.25}}
+
+
+def default_cpu_reservation(args: dict[str, Any]) -> float:
+    """Logical CPUs that the service's own defaults reserve for these args (1 where a pool sets none)."""
+    from serve_app.config import AppArgs
+
+    app = AppArgs.model_validate(args)
+    pools = [app.preprocessor, app.ingress, *(spec.encoder for spec in app.model_specs())]
+    return sum(1.0 if pool.num_cpus is None else pool.num_cpus for pool in pools)
 
 
 def our_app_args(settings: CompareSettings) -> dict[str, Any]:
@@ -62,7 +71,7 @@ def our_app_args(settings: CompareSettings) -> dict[str, Any]:
     }
     if settings.pretrained:
         args["pretrained"] = settings.pretrained
-    if (os.cpu_count() or 1) < 2.5:
+    if default_cpu_reservation(_merge(args, settings.app_args)) > (os.cpu_count() or 1):
         args = _merge(args, SMALL_MACHINE_ARGS)
     return _merge(args, settings.app_args)
 
@@ -120,6 +129,7 @@ def run_compare(settings: CompareSettings) -> dict[str, Any]:
         _log("infinity serves a random HF CLIP of ViT-B/32 size only: skipping it for this model")
         systems.remove("infinity")
     machine = machine_info()  # the load average before anything of ours runs
+    git = git_state()  # the service measured is the one checked out at the start
     workdir = Path(settings.workdir or tempfile.mkdtemp(prefix="clip-bench-"))
     payloads = {m: _payload(m, settings) for m in settings.modalities}
     levels = [Level(concurrency=c) for c in settings.levels]
@@ -163,7 +173,7 @@ def run_compare(settings: CompareSettings) -> dict[str, Any]:
         "tool": "clip-bench compare",
         "settings": {**asdict(settings), "systems": systems},
         "machine": machine,
-        "git": git_state(),
+        "git": git,
         "loadavg_end": loadavg(),
         "bare_load_seconds": round(bare.load_seconds, 2),
         "bare_runs": bare_runs,

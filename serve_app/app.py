@@ -21,8 +21,7 @@ def build_app(args: AppArgs) -> Application:
     specs = args.model_specs()
     encoders: dict[str, Any] = {}
     for spec in specs:
-        encoder_options = spec.encoder.deployment_options()
-        encoder_options.setdefault("ray_actor_options", {})["num_gpus"] = spec.encoder_gpus
+        encoder_options = spec.encoder_options
         # Batching reaches the replica only through user_config, so changing it is a light update
         # (`reconfigure`), not a restart: the constructor arguments stay the same.
         constructor_spec = spec.model_copy(update={"batching": BatchSettings()})

@@ -42,11 +42,15 @@ def test_unknown_keys_and_duplicate_names_are_configuration_errors():
 
 def test_pool_settings_become_deployment_options():
     pool = PoolSettings(autoscaling_config={"min_replicas": 1, "max_replicas": 4}, num_gpus=1, num_cpus=2,
-                        max_ongoing_requests=128)
+                        max_ongoing_requests=128, env_vars={"A": "1"})
     assert pool.deployment_options() == {
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 4},
         "max_ongoing_requests": 128,
-        "ray_actor_options": {"num_cpus": 2, "num_gpus": 1},
+        "ray_actor_options": {"num_cpus": 2, "num_gpus": 1, "runtime_env": {"env_vars": {"A": "1"}}},
+    }
+    encoder = ModelSpec(model="ViT-B-32", encoder={"num_cpus": 2, "env_vars": {"B": "2"}}).encoder_options
+    assert encoder["ray_actor_options"] == {
+        "num_cpus": 2, "num_gpus": 0, "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "B": "2"}}
     }
     with pytest.raises(ValidationError):
         PoolSettings(num_replicas=2, autoscaling_config={"max_replicas": 3})

@@ -48,9 +48,9 @@ def test_pool_settings_become_deployment_options():
         "max_ongoing_requests": 128,
         "ray_actor_options": {"num_cpus": 2, "num_gpus": 1, "runtime_env": {"env_vars": {"A": "1"}}},
     }
-    encoder = ModelSpec(model="ViT-B-32", encoder={"num_cpus": 2, "env_vars": {"B": "2"}}).encoder_options
-    assert encoder["ray_actor_options"] == {
-        "num_cpus": 2, "num_gpus": 0, "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "B": "2"}}
+    encoder = ModelSpec(model="ViT-B-32", device="cuda", encoder={"num_cpus": 2, "env_vars": {"B": "2"}})
+    assert encoder.encoder_options["ray_actor_options"] == {
+        "num_cpus": 2, "num_gpus": 1, "runtime_env": {"env_vars": {"B": "2"}}
     }
     with pytest.raises(ValidationError):
         PoolSettings(num_replicas=2, autoscaling_config={"max_replicas": 3})

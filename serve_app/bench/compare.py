@@ -15,6 +15,7 @@ from typing import Any
 from serve_app.bench.bare import BareModel, BareSettings, model_spec, reference, single_latency_ms
 from serve_app.bench.loadgen import Level, LoadSettings, run_load
 from serve_app.bench.payloads import ImagePayload, PayloadKind, TextPayload
+from serve_app.bench.plot import save_figure
 from serve_app.bench.report import fmt, format_table, git_state, loadavg, machine_info
 from serve_app.bench.servers import InfinityServer, ManagedServer, NaiveServer, OurServer, find_infinity
 
@@ -342,9 +343,4 @@ def plot_compare(result: dict[str, Any], path: str | Path) -> Path:
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     ax.set_title(f"{result['settings']['model']} on {result['machine']['cpus']} CPUs")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

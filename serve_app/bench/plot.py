@@ -31,6 +31,13 @@ def plot_load(report: dict[str, Any], path: str | Path) -> Path:
     left.legend(handles, [h.get_label() for h in handles], loc="upper left")
     errors = sum(lv["error_count"] for lv in levels)
     left.set_title(f"{report['payload']['kind']} → {report['url']}" + (f"  ({errors} errors)" if errors else ""))
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Writes a matplotlib figure as a PNG (folders created) and frees it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

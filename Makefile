@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEV_MODEL := .dev-model/tiny-clip
 
-.PHONY: install serve serve-dev serve-gpu test clean
+.PHONY: install fetch-vitg serve serve-dev serve-gpu test clean
 
 install: $(STAMP)
 
@@ -16,14 +16,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-# Serves the default ViT-g/14 (weights from the Hugging Face hub, or its local cache).
-serve: install
+# Fetches the default ViT-g/14 into the Hugging Face cache first, so that no network fails fast and clearly.
+fetch-vitg: install
 	@$(PY) -m serve_app.modeling hf-hub:laion/CLIP-ViT-g-14-laion2B-s34B-b88K || { \
 	  echo "make serve: cannot fetch the ViT-g/14 weights from the Hugging Face hub (offline?)." >&2; \
 	  echo "Try 'make serve-dev': a tiny random model that needs no download." >&2; exit 1; }
+
+# Serves the default ViT-g/14 on the CPU (fp32), or on a GPU (bf16).
+serve: fetch-vitg
 	$(VENV)/bin/serve run deploy/local-cpu.yaml
 
-serve-gpu: install
+serve-gpu: fetch-vitg
 	$(VENV)/bin/serve run deploy/local-gpu.yaml
 
 # A tiny random model written on the fly: fully offline, for trying the API.

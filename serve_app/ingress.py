@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import metrics
@@ -97,25 +98,48 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 KNOWN_ROUTES = {"/v1/embeddings", "/v1/classify", "/v1/rerank", "/v1/models", "/health", "/openapi.json", "/docs"}
 
 
-@app.middleware("http")
-async def _every_request(request: Request, call_next) -> Response:
+class EveryRequest:
     """The one place every request passes: the error mapper and request metrics.
 
-    Ray Serve's proxy already gives every request an `x-request-id` (the client's, or a new one) and echoes
-    it in the response; errors quote it so that a log line can be found from a client's report.
+    A plain ASGI middleware (Starlette's `@app.middleware("http")` adds a task and a memory stream to every
+    request). Ray Serve's proxy already gives every request an `x-request-id` (the client's, or a new one) and
+    echoes it in the response; errors quote it so that a log line can be found from a client's report.
     """
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-    start = time.perf_counter()
-    try:
-        response = await call_next(request)
-    except Exception as exc:  # the one error mapper
-        mapped = error_payload(exc, request_id)
-        if mapped.status_code >= 500:
-            logger.exception("request %s failed", request_id)
-        response = _json(mapped.body, mapped.status_code)
-    route = request.url.path if request.url.path in KNOWN_ROUTES else "other"
-    metrics.observe_request(route, response.status_code, time.perf_counter() - start)
-    return response
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+        started = False
+
+        async def send_and_watch(message: dict) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        except Exception as exc:  # the one error mapper
+            request_id = Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex
+            mapped = error_payload(exc, request_id)
+            if mapped.status_code >= 500:
+                logger.exception("request %s failed", request_id)
+            if started:  # too late to answer differently; the client sees a cut response
+                raise
+            status = mapped.status_code
+            await _json(mapped.body, mapped.status_code)(scope, receive, send)
+        finally:
+            route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
+            metrics.observe_request(route, status, time.perf_counter() - start)
+
+
+app.add_middleware(EveryRequest)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)

@@ -19,8 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import metrics
 from serve_app.config import ModelSpec, ZeroShotSettings
-from serve_app.errors import InvalidRequest, error_body, error_payload
-from serve_app.inputs import collect_inputs, input_from_item
+from serve_app.errors import error_body, error_payload
+from serve_app.inputs import check_count, collect_inputs, input_from_item
 from serve_app.modeling import load_model_config
 from serve_app.protocol import (
     ClassifyRequest,
@@ -181,12 +181,7 @@ class OpenAIIngress:
     async def rerank(self, request: RerankRequest) -> Response:
         """Documents (text or images) ordered by cosine similarity to the query (text or image)."""
         model = self._service.model(request.model)
-        if not request.documents:
-            raise InvalidRequest("`documents` must contain at least one item", param="documents")
-        if len(request.documents) > self._max_inputs:
-            raise InvalidRequest(
-                f"`documents` has {len(request.documents)} items; the limit is {self._max_inputs}", param="documents"
-            )
+        check_count(len(request.documents), self._max_inputs, "documents")
         query = input_from_item(request.query, "query")
         documents = [input_from_item(d, f"documents[{i}]") for i, d in enumerate(request.documents)]
         originals = [d if isinstance(d, str) else d.model_dump(exclude_none=True) for d in request.documents]
@@ -204,9 +199,7 @@ class OpenAIIngress:
     async def health(self) -> Response:
         """200 only when every encoder pool has completed a real encode recently (it probes if not)."""
         names = list(self._service.models)
-        results = await asyncio.gather(
-            *(self._pool_health(self._service.models[n]) for n in names), return_exceptions=False
-        )
+        results = await asyncio.gather(*(self._pool_health(self._service.models[n]) for n in names))
         pools = dict(zip(names, results))
         ok = all(p.ok for p in pools.values())
         body = HealthResponse(status="ok" if ok else "unavailable", models=pools)

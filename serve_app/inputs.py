@@ -110,14 +110,15 @@ def collect_inputs(request: HasInputs, max_inputs: int) -> list[Input]:
     else:
         if request.input and all(isinstance(i, int) for i in request.input):
             raise InvalidRequest(TOKEN_IDS_MESSAGE, param="input")
-        _check_count(len(request.input), max_inputs, "input")
+        check_count(len(request.input), max_inputs, "input")
         inputs = [input_from_item(item, f"input[{i}]", strings_are_images) for i, item in enumerate(request.input)]
         param = "input"
-    _check_count(len(inputs), max_inputs, param)
+    check_count(len(inputs), max_inputs, param)
     return inputs
 
 
-def _check_count(count: int, max_inputs: int, param: str) -> None:
+def check_count(count: int, max_inputs: int, param: str) -> None:
+    """A list field must be non-empty and within its per-request cap."""
     if count == 0:
         raise InvalidRequest(f"`{param}` must contain at least one item", param=param)
     if count > max_inputs:

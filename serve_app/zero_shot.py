@@ -14,6 +14,7 @@ import numpy as np
 
 from serve_app import metrics
 from serve_app.errors import InvalidRequest
+from serve_app.inputs import check_count
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 
@@ -50,10 +51,7 @@ def resolve_templates(templates: list[str] | str | None, max_templates: int) -> 
 
 
 def check_labels(labels: list[str], max_labels: int) -> None:
-    if not labels:
-        raise InvalidRequest("`labels` must contain at least one class name", param="labels")
-    if len(labels) > max_labels:
-        raise InvalidRequest(f"`labels` has {len(labels)} items; the limit is {max_labels}", param="labels")
+    check_count(len(labels), max_labels, "labels")
     for i, label in enumerate(labels):
         if not label.strip():
             raise InvalidRequest("labels must not be empty", param=f"labels[{i}]")

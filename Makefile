@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEV_MODEL := .dev-model/tiny-clip
+# Ray's own settings for serving (Ray Serve's throughput mode behind HAProxy): see deploy/ray-serve.env.
+SERVE := env $(shell grep -E '^[A-Z_]+=' deploy/ray-serve.env) $(VENV)/bin/serve
 
 .PHONY: install fetch-vitg serve serve-dev serve-gpu test clean
 
@@ -24,15 +26,15 @@ fetch-vitg: install
 
 # Serves the default ViT-g/14 on the CPU (fp32), or on a GPU (bf16).
 serve: fetch-vitg
-	$(VENV)/bin/serve run deploy/local-cpu.yaml
+	$(SERVE) run deploy/local-cpu.yaml
 
 serve-gpu: fetch-vitg
-	$(VENV)/bin/serve run deploy/local-gpu.yaml
+	$(SERVE) run deploy/local-gpu.yaml
 
 # A tiny random model written on the fly: fully offline, for trying the API.
 serve-dev: install
 	test -f $(DEV_MODEL)/open_clip_config.json || $(PY) -m serve_app.dev_model $(DEV_MODEL)
-	$(VENV)/bin/serve run deploy/dev.yaml
+	$(SERVE) run deploy/dev.yaml
 
 test: install
 	$(PY) -m pytest -q

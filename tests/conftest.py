@@ -16,9 +16,17 @@ import pytest
 from PIL import Image
 
 from serve_app.dev_model import write_tiny_model
+from serve_app.ray_env import haproxy_ports, serve_env
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# The tests serve the way production does (deploy/ray-serve.env: Ray Serve's throughput mode behind
+# HAProxy). Set before Ray is imported anywhere: Ray reads them at import. Any of them set outside wins.
+for _key, _value in {**serve_env(), **haproxy_ports()}.items():
+    os.environ.setdefault(_key, _value)
+# Production drains a removed ingress replica for 30 s so load balancers can let go of it; tests that delete
+# an app and shut Serve down would wait for that each time.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 
 TINY_NAME = "tiny-clip"
 SECOND_NAME = "tiny-clip-b"
@@ -101,6 +109,19 @@ def deploy_config(args: dict, deployments: list[dict] | None = None) -> None:
         application["deployments"] = deployments
     config = {"applications": [application]}
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+
+
+def driver_handle(deployment: str, app_name: str = "clip"):
+    """A handle the test process can call synchronously (`.remote().result()`).
+
+    In Ray Serve's throughput mode a handle's router runs on the caller's event loop, which plain test code
+    does not have; this handle keeps Ray's own router loop instead. (The replicas are unaffected.)
+    """
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app_name=app_name)
+    handle._init(_run_router_in_separate_loop=True)
+    return handle
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from serve_app.app import build_app
 from serve_app.config import AppArgs
+from serve_app.ray_env import haproxy_ports, serve_env
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,36 @@ def test_gpu_config_asks_for_a_gpu_per_encoder_and_cpu_ones_do_not():
     assert encoder_gpus("local-cpu.yaml") == 0 and encoder_gpus("dev.yaml") == 0
 
 
+def listener_names(port: int) -> set[str]:
+    """Names of the processes listening on a local TCP port (Linux: /proc/net/tcp, then socket inodes)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A = LISTEN
+                inodes.add(fields[9])
+    names = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fds = {os.readlink(fd) for fd in (proc / "fd").iterdir()}
+            if any(f"socket:[{inode}]" in fds for inode in inodes):
+                names.add((proc / "comm").read_text().strip())
+        except OSError:
+            continue
+    return names
+
+
+def test_ray_serve_env_file_parses_and_names_the_serving_mode(tmp_path: Path):
+    env = serve_env()
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    bad = tmp_path / "bad.env"
+    bad.write_text("# comment\nRAY_SERVE_THROUGHPUT_OPTIMIZED\n")
+    with pytest.raises(ValueError, match="bad.env:2: expected KEY=VALUE"):
+        serve_env(bad)
+
+
 def test_serve_run_with_the_dev_config(tmp_path: Path, tiny_model_dir: Path):
     """`serve run deploy/dev.yaml`, as `make serve-dev` does, in a Ray instance of its own."""
     config = yaml.safe_load((ROOT / "deploy" / "dev.yaml").read_text())
@@ -52,10 +83,11 @@ def test_serve_run_with_the_dev_config(tmp_path: Path, tiny_model_dir: Path):
     path = tmp_path / "dev.yaml"
     path.write_text(yaml.safe_dump(config))
     serve = Path(sys.executable).parent / "serve"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # its own HAProxy ports: the session's Ray instance holds the ones the tests' environment names
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **haproxy_ports()}
     process = subprocess.Popen(
         [str(serve), "run", "--address", "local", str(path)], cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -72,6 +104,8 @@ def test_serve_run_with_the_dev_config(tmp_path: Path, tiny_model_dir: Path):
             pytest.fail("serve run did not become healthy in 180 s")
         response = requests.post(url + "/v1/embeddings", json={"input": "hello", "model": "tiny-clip"}, timeout=30)
         assert response.status_code == 200 and len(response.json()["data"][0]["embedding"]) == 32
+        # deploy/ray-serve.env is in effect: HAProxy, not Serve's Python proxy, holds the HTTP port
+        assert listener_names(port) == {"haproxy"}
     finally:
         process.send_signal(signal.SIGINT)
         try:

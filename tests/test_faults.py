@@ -18,7 +18,7 @@ from serve_app.config import ImageLimits, ModelSpec, ZeroShotSettings
 from serve_app.encoder import ClipEncoder
 from serve_app.ingress import OpenAIIngress
 from serve_app.preprocess import Preprocessor
-from tests.conftest import TINY_NAME, app_args, deploy_config
+from tests.conftest import TINY_NAME, app_args, deploy_config, driver_handle
 from tests.test_api import assert_error, post
 
 # Workers cannot import this test module: ship its classes by value.
@@ -74,7 +74,7 @@ def test_encoder_failure_gives_503_and_unhealthy_then_recovers(faulty_url):
         for _ in range(3):
             assert_error(post(url, {"input": ["x"]}), 503, None, "encoder failed")
         # The third failure in a row makes Ray's replica health check fail.
-        handle = serve.get_deployment_handle("FaultyEncoder", app_name="faulty")
+        handle = driver_handle("FaultyEncoder", app_name="faulty")
         with pytest.raises(Exception, match="forward passes failed in a row"):
             handle.check_health.remote().result(timeout_s=30)
     finally:
@@ -95,7 +95,7 @@ def test_encoder_failure_gives_503_and_unhealthy_then_recovers(faulty_url):
 def test_batching_changes_at_run_time_without_a_restart(serve_url, tiny_model_dir, second_model_dir):
     """An operator edits the encoder's `user_config` in the Serve config (as in KubeRay's serveConfigV2)."""
     name = f"ClipEncoder-{TINY_NAME}"
-    handle = serve.get_deployment_handle(name, app_name="clip")
+    handle = driver_handle(name)
     before = handle.info.remote().result(timeout_s=30)
     args = app_args(tiny_model_dir, second_model_dir)
     batching = {"max_batch_size": 3, "batch_wait_timeout_s": 0.001, "text_max_batch_size": 5}

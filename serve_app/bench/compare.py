@@ -166,6 +166,7 @@ def run_compare(settings: CompareSettings) -> dict[str, Any]:
         if isinstance(server, OurServer):
             entry["app_args"] = server.app_args
             entry["import_path"] = server.import_path
+            entry["ray_env"] = {k: server.env[k] for k in sorted(server.env) if k.startswith("RAY_SERVE_")}
         served[system] = entry
         bare_runs.append(bare.run(tuple(settings.modalities)))
         entry["bare_after"] = len(bare_runs) - 1

@@ -16,6 +16,7 @@ counted with `torch.utils.flop_counter` on one image.
 """
 
 import json
+import os
 import tempfile
 import time
 from contextlib import nullcontext
@@ -279,6 +280,11 @@ class GpuRun:
             self._skip("served", "budget spent")
             return
         try:
+            from serve_app.ray_env import haproxy_ports, serve_env
+
+            # Ray reads these at import: serve as production does (deploy/ray-serve.env); the caller's win
+            for key, value in {**serve_env(), **haproxy_ports()}.items():
+                os.environ.setdefault(key, value)
             import ray  # noqa: F401
             from ray import serve  # noqa: F401
 
@@ -303,7 +309,6 @@ def _builder(import_path: str) -> Callable[[Any], Any]:
 
 def served_throughput(s: GpuSettings, precision: str) -> dict[str, Any]:
     """Starts our app on a local Ray Serve in this process, loads it with JPEGs, shuts it down."""
-    import os
     import socket
 
     import ray

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from serve_app.bench.report import tree_rss
+from serve_app.ray_env import haproxy_ports, serve_env
 
 
 def free_port() -> int:
@@ -143,6 +144,10 @@ class OurServer(ManagedServer):
 
     def __init__(self, workdir: Path, app_args: dict[str, Any], port: int | None = None,
                  import_path: str = "serve_app.app:build_app", **kw: Any) -> None:
+        # Ray runs as in production (deploy/ray-serve.env); a variable set in the caller's environment wins,
+        # so `RAY_SERVE_THROUGHPUT_OPTIMIZED=0 clip-bench compare ...` measures the other mode.
+        self.ray_env = {**{k: v for k, v in serve_env().items() if k not in os.environ}, **haproxy_ports()}
+        kw["env"] = {**self.ray_env, **(kw.get("env") or {})}
         super().__init__(workdir, port, **kw)
         self.app_args = app_args
         self.import_path = import_path  # another builder (an experiment) may be measured the same way

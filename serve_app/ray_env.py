@@ -10,6 +10,10 @@ from pathlib import Path
 
 ENV_FILE = Path(__file__).resolve().parents[1] / "deploy" / "ray-serve.env"
 
+# For a Ray instance alone on one machine (make serve*, tests, benchmarks): no load balancer needs the 30 s
+# drain of a stopping ingress replica, so stopping takes seconds. The Makefile sets the same.
+ONE_MACHINE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+
 # HAProxy binds these on every Ray node; a second Ray instance on the same machine (tests, benchmarks)
 # needs other ones.
 HAPROXY_NODE_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")

@@ -16,17 +16,16 @@ import pytest
 from PIL import Image
 
 from serve_app.dev_model import write_tiny_model
-from serve_app.ray_env import haproxy_ports, serve_env
+from serve_app.ray_env import ONE_MACHINE_ENV, haproxy_ports, serve_env
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # The tests serve the way production does (deploy/ray-serve.env: Ray Serve's throughput mode behind
 # HAProxy). Set before Ray is imported anywhere: Ray reads them at import. Any of them set outside wins.
-for _key, _value in {**serve_env(), **haproxy_ports()}.items():
-    os.environ.setdefault(_key, _value)
 # Production drains a removed ingress replica for 30 s so load balancers can let go of it; tests that delete
-# an app and shut Serve down would wait for that each time.
-os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+# an app and shut Serve down would wait for that each time (ONE_MACHINE_ENV).
+for _key, _value in {**serve_env(), **ONE_MACHINE_ENV, **haproxy_ports()}.items():
+    os.environ.setdefault(_key, _value)
 
 TINY_NAME = "tiny-clip"
 SECOND_NAME = "tiny-clip-b"

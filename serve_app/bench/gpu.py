@@ -280,10 +280,11 @@ class GpuRun:
             self._skip("served", "budget spent")
             return
         try:
-            from serve_app.ray_env import haproxy_ports, serve_env
+            from serve_app.ray_env import ONE_MACHINE_ENV, haproxy_ports, serve_env
 
-            # Ray reads these at import: serve as production does (deploy/ray-serve.env); the caller's win
-            for key, value in {**serve_env(), **haproxy_ports()}.items():
+            # Ray reads these at import: serve as production does (deploy/ray-serve.env), but stop in
+            # seconds (no 30 s drain: it would eat the device budget); the caller's own settings win
+            for key, value in {**serve_env(), **ONE_MACHINE_ENV, **haproxy_ports()}.items():
                 os.environ.setdefault(key, value)
             import ray  # noqa: F401
             from ray import serve  # noqa: F401

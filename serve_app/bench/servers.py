@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from serve_app.bench.report import tree_rss
-from serve_app.ray_env import haproxy_ports, serve_env
+from serve_app.ray_env import ONE_MACHINE_ENV, haproxy_ports, serve_env
 
 
 def free_port() -> int:
@@ -146,7 +146,8 @@ class OurServer(ManagedServer):
                  import_path: str = "serve_app.app:build_app", **kw: Any) -> None:
         # Ray runs as in production (deploy/ray-serve.env); a variable set in the caller's environment wins,
         # so `RAY_SERVE_THROUGHPUT_OPTIMIZED=0 clip-bench compare ...` measures the other mode.
-        self.ray_env = {**{k: v for k, v in serve_env().items() if k not in os.environ}, **haproxy_ports()}
+        ray_env = {**serve_env(), **ONE_MACHINE_ENV}  # the drain only affects how fast it stops
+        self.ray_env = {**{k: v for k, v in ray_env.items() if k not in os.environ}, **haproxy_ports()}
         kw["env"] = {**self.ray_env, **(kw.get("env") or {})}
         super().__init__(workdir, port, **kw)
         self.app_args = app_args

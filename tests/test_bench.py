@@ -299,3 +299,17 @@ def test_our_app_args_fit_small_machines(monkeypatch):
     assert small["preprocessor"] == SMALL_MACHINE_ARGS["preprocessor"] and small["ingress"] == SMALL_MACHINE_ARGS["ingress"]
     settings.app_args = {"ingress": {"num_cpus": 0.1}}  # explicit args win
     assert our_app_args(settings)["ingress"] == {"num_cpus": 0.1}
+
+
+def test_our_server_runs_ray_as_production_unless_the_caller_says_otherwise(monkeypatch, tmp_path: Path):
+    from serve_app.bench.servers import OurServer
+    from serve_app.ray_env import HAPROXY_NODE_PORTS, serve_env
+
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")  # the caller measures the other mode
+    server = OurServer(tmp_path, {"model": "x"})
+    assert server.env["RAY_SERVE_ENABLE_HA_PROXY"] == serve_env()["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert server.env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+    assert server.env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2"  # stops in seconds
+    ports = {server.env[name] for name in HAPROXY_NODE_PORTS}
+    assert len(ports) == 2 and all(p.isdigit() for p in ports)  # its own HAProxy ports, not 8404/9101

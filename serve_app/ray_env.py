@@ -5,7 +5,9 @@ the KubeRay pod spec, the tests, `clip-bench`), not to a Serve config. This modu
 launchers in this repository; the Makefile reads the same file.
 """
 
+import os
 import socket
+from collections.abc import MutableMapping
 from pathlib import Path
 
 ENV_FILE = Path(__file__).resolve().parents[1] / "deploy" / "ray-serve.env"
@@ -33,7 +35,8 @@ def serve_env(path: Path = ENV_FILE) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -41,4 +44,16 @@ def _free_port() -> int:
 
 def haproxy_ports() -> dict[str, str]:
     """Free ports for HAProxy's node-wide listeners, for a Ray instance that may not be alone on the machine."""
-    return {name: str(_free_port()) for name in HAPROXY_NODE_PORTS}
+    return {name: str(free_port()) for name in HAPROXY_NODE_PORTS}
+
+
+def one_machine_env() -> dict[str, str]:
+    """What a Ray instance alone on one machine runs with: deploy/ray-serve.env plus ONE_MACHINE_ENV."""
+    return {**serve_env(), **ONE_MACHINE_ENV}
+
+
+def use_one_machine_env(environ: MutableMapping[str, str] = os.environ) -> None:
+    """`one_machine_env()` and free HAProxy ports, for a Ray started in this process; what `environ`
+    already sets wins. Call it before Ray is imported: Ray reads these at import."""
+    for key, value in {**one_machine_env(), **haproxy_ports()}.items():
+        environ.setdefault(key, value)

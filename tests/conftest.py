@@ -7,7 +7,6 @@ shut down at the end of the session.
 import base64
 import io
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from PIL import Image
 
 from serve_app.dev_model import write_tiny_model
-from serve_app.ray_env import ONE_MACHINE_ENV, haproxy_ports, serve_env
+from serve_app.ray_env import free_port, use_one_machine_env
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -24,8 +23,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # HAProxy). Set before Ray is imported anywhere: Ray reads them at import. Any of them set outside wins.
 # Production drains a removed ingress replica for 30 s so load balancers can let go of it; tests that delete
 # an app and shut Serve down would wait for that each time (ONE_MACHINE_ENV).
-for _key, _value in {**serve_env(), **ONE_MACHINE_ENV, **haproxy_ports()}.items():
-    os.environ.setdefault(_key, _value)
+use_one_machine_env()
 
 TINY_NAME = "tiny-clip"
 SECOND_NAME = "tiny-clip-b"
@@ -66,12 +64,6 @@ def reference(tiny_model_dir: Path):
 @pytest.fixture(scope="session")
 def second_reference(second_model_dir: Path):
     return open_clip_reference(second_model_dir)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def app_args(tiny_model_dir: Path, second_model_dir: Path) -> dict:

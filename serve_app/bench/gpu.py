@@ -280,12 +280,11 @@ class GpuRun:
             self._skip("served", "budget spent")
             return
         try:
-            from serve_app.ray_env import ONE_MACHINE_ENV, haproxy_ports, serve_env
+            from serve_app.ray_env import use_one_machine_env
 
-            # Ray reads these at import: serve as production does (deploy/ray-serve.env), but stop in
-            # seconds (no 30 s drain: it would eat the device budget); the caller's own settings win
-            for key, value in {**serve_env(), **ONE_MACHINE_ENV, **haproxy_ports()}.items():
-                os.environ.setdefault(key, value)
+            # serve as production does (deploy/ray-serve.env), but stop in seconds (no 30 s drain: it would
+            # eat the device budget); the caller's own settings win
+            use_one_machine_env()
             import ray  # noqa: F401
             from ray import serve  # noqa: F401
 
@@ -310,19 +309,16 @@ def _builder(import_path: str) -> Callable[[Any], Any]:
 
 def served_throughput(s: GpuSettings, precision: str) -> dict[str, Any]:
     """Starts our app on a local Ray Serve in this process, loads it with JPEGs, shuts it down."""
-    import socket
-
     import ray
     from ray import serve
 
     from serve_app.bench.loadgen import Level, LoadSettings, run_load, wait_until_serving
     from serve_app.bench.payloads import ImagePayload
+    from serve_app.ray_env import free_port
 
     cores = os.cpu_count() or 2
     preprocessors = s.served_preprocessors or max(1, cores - 4)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     gpu = s.device.startswith("cuda")
     args = {
         "model": s.model, "served_model_name": "bench", "device": s.device, "precision": precision,

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,13 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from serve_app.bench.report import tree_rss
-from serve_app.ray_env import ONE_MACHINE_ENV, haproxy_ports, serve_env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serve_app.ray_env import free_port, haproxy_ports, one_machine_env
 
 
 def _session_members(sid: int) -> list[int]:
@@ -146,9 +139,9 @@ class OurServer(ManagedServer):
                  import_path: str = "serve_app.app:build_app", **kw: Any) -> None:
         # Ray runs as in production (deploy/ray-serve.env); a variable set in the caller's environment wins,
         # so `RAY_SERVE_THROUGHPUT_OPTIMIZED=0 clip-bench compare ...` measures the other mode.
-        ray_env = {**serve_env(), **ONE_MACHINE_ENV}  # the drain only affects how fast it stops
-        self.ray_env = {**{k: v for k, v in ray_env.items() if k not in os.environ}, **haproxy_ports()}
-        kw["env"] = {**self.ray_env, **(kw.get("env") or {})}
+        # Its own HAProxy ports even when the caller's environment names some (the tests' Ray holds those).
+        ray_env = {k: v for k, v in one_machine_env().items() if k not in os.environ} | haproxy_ports()
+        kw["env"] = {**ray_env, **(kw.get("env") or {})}
         super().__init__(workdir, port, **kw)
         self.app_args = app_args
         self.import_path = import_path  # another builder (an experiment) may be measured the same way

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from serve_app.bench.experiments import build_app_with
 from serve_app.encoder import ClipEncoder as _ClipEncoderDeployment
 from serve_app.encoder import _Rows
 
@@ -98,11 +99,4 @@ class DrainBatchingEncoder(_Base):
 
 def build_app(args: Any) -> Any:
     """The service's own `build_app`, with `DrainBatchingEncoder` in place of `ClipEncoder` (same options)."""
-    import serve_app.app as app_module
-
-    original = app_module.ClipEncoder
-    app_module.ClipEncoder = original.options(func_or_class=DrainBatchingEncoder)
-    try:
-        return app_module.build_app(args)
-    finally:
-        app_module.ClipEncoder = original
+    return build_app_with(args, "ClipEncoder", DrainBatchingEncoder)

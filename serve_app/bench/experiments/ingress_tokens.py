@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from serve_app.bench.experiments import build_app_with
 from serve_app.ingress import OpenAIIngress as _IngressDeployment
 from serve_app.modeling import get_tokenizer
 from serve_app.serving import ClipService
@@ -37,11 +38,4 @@ class LocalTokenIngress(_IngressBase):
 def build_app(args: Any) -> Any:
     """The service's own `build_app` with `LocalTokenIngress` as the ingress (runs 4-5 measured it on the
     drain-batching experiment instead, before the service had its batching gate)."""
-    import serve_app.app as app_module
-
-    original = app_module.OpenAIIngress
-    app_module.OpenAIIngress = original.options(func_or_class=LocalTokenIngress)
-    try:
-        return app_module.build_app(args)
-    finally:
-        app_module.OpenAIIngress = original
+    return build_app_with(args, "OpenAIIngress", LocalTokenIngress)

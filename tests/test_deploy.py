@@ -85,10 +85,11 @@ def test_serve_run_with_the_dev_config(tmp_path: Path, tiny_model_dir: Path):
     serve = Path(sys.executable).parent / "serve"
     # its own HAProxy ports: the session's Ray instance holds the ones the tests' environment names
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **haproxy_ports()}
-    process = subprocess.Popen(
-        [str(serve), "run", "--address", "local", str(path)], cwd=ROOT, env=env,
-        stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    with open(tmp_path / "serve.log", "wb") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            [str(serve), "run", "--address", "local", str(path)], cwd=ROOT, env=env,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180

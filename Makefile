@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEV_MODEL := .dev-model/tiny-clip
 # Ray's own settings for serving (Ray Serve's throughput mode behind HAProxy): see deploy/ray-serve.env.
 # On one machine no load balancer needs the 30 s drain of a stopping ingress replica: Ctrl-C then takes
-# ~8 s instead of ~33 s.
+# ~8 s instead of ~33 s (BENCHMARKS.md, "Stopping").
 SERVE := env $(shell grep -E '^[A-Z_]+=' deploy/ray-serve.env) RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2 \
 	$(VENV)/bin/serve
 

@@ -2,7 +2,9 @@
 
     python -m serve_app.bench.cpu_by_process 12      # while a `clip-bench load` level runs
 
-Prints the busiest processes (cores = CPU seconds / wall seconds) and the machine's total.
+Prints the busiest processes (cores = CPU seconds / wall seconds), how often their threads were switched
+out per second (voluntary + involuntary context switches: each one is a wake-up or a preemption that an
+OpenMP thread sharing the cores may have to wait out) and the machine's totals.
 """
 
 import os
@@ -13,8 +15,21 @@ from pathlib import Path
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds() -> dict[int, tuple[str, float]]:
-    """pid -> (command line, user + system CPU seconds so far)."""
+def context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of all of a process's threads so far."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            for line in status.read_text().splitlines():
+                if "ctxt_switches:" in line:
+                    total += int(line.split(":")[1])
+        except OSError:
+            continue
+    return total
+
+
+def cpu_seconds() -> dict[int, tuple[str, float, int]]:
+    """pid -> (command line, user + system CPU seconds so far, context switches so far)."""
     out = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -25,7 +40,8 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
-        out[int(entry.name)] = (cmd or stat[stat.find("(") + 1 : stat.rfind(")")], (int(fields[11]) + int(fields[12])) / TICKS)
+        out[int(entry.name)] = (cmd or stat[stat.find("(") + 1 : stat.rfind(")")],
+                                (int(fields[11]) + int(fields[12])) / TICKS, context_switches(int(entry.name)))
     return out
 
 
@@ -34,10 +50,13 @@ def main(argv: list[str]) -> int:
     before, started = cpu_seconds(), time.monotonic()
     time.sleep(seconds)
     after, wall = cpu_seconds(), time.monotonic() - started
-    used = sorted(((cpu - before.get(pid, ("", 0.0))[1]) / wall, cmd[:90]) for pid, (cmd, cpu) in after.items())
-    for cores, cmd in reversed(used[-14:]):
-        print(f"{cores:6.2f} cores  {cmd}")
-    print(f"total {sum(c for c, _ in used):.2f} cores over {wall:.1f} s")
+    used = sorted(
+        ((cpu - before[pid][1]) / wall, (switches - before[pid][2]) / wall, cmd[:90])
+        for pid, (cmd, cpu, switches) in after.items() if pid in before
+    )
+    for cores, switches, cmd in reversed(used[-14:]):
+        print(f"{cores:6.2f} cores {switches:7.0f} switches/s  {cmd}")
+    print(f"total {sum(u[0] for u in used):.2f} cores, {sum(u[1] for u in used):.0f} switches/s over {wall:.1f} s")
     return 0
 
 

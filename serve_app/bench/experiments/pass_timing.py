@@ -2,6 +2,8 @@
 
     python -m serve_app.bench.experiments.pass_timing            # driver, thread pool, Ray task, nice 15
     python -m serve_app.bench.experiments.pass_timing --gaps     # idle gaps between passes, as the hops leave
+    python -m serve_app.bench.experiments.pass_timing --replica  # inside an idle Serve replica (production env)
+    python -m serve_app.bench.experiments.pass_timing --cluster  # beside the idle service: running vs frozen
 
 The same `EncoderCore.encode_images` (ViT-B-32, random weights, 2 threads) the served encoder runs, p50 of
 40 passes after 5 warm-up passes.
@@ -21,19 +23,33 @@ def _core():
     return EncoderCore(ModelSpec(model="ViT-B-32", pretrained="random", device="cpu", torch_threads=2))
 
 
-def _p50_ms(core, gap_s: float = 0.0, passes: int = 40) -> float:
+def _switches() -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of the calling thread so far."""
+    with open("/proc/thread-self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["voluntary_ctxt_switches"]), int(fields["nonvoluntary_ctxt_switches"])
+
+
+def _p50_ms(core, gap_s: float = 0.0, passes: int = 40, switches: dict | None = None) -> float:
+    """p50 of `passes` batch-1 passes; `switches` (if given) gets the calling thread's context switches
+    per pass, voluntary and involuntary."""
     import torch
 
     pixels = torch.randint(0, 255, (1, 3, 224, 224), dtype=torch.uint8)
     for _ in range(5):
         core.encode_images(pixels)
     times = []
+    before = _switches()
     for _ in range(passes):
         if gap_s:
             time.sleep(gap_s)
         started = time.perf_counter()
         core.encode_images(pixels)
         times.append((time.perf_counter() - started) * 1000)
+    after = _switches()
+    if switches is not None:
+        switches["voluntary"] = round((after[0] - before[0]) / passes, 1)
+        switches["involuntary"] = round((after[1] - before[1]) / passes, 1)
     return round(statistics.median(times), 1)
 
 
@@ -46,7 +62,81 @@ def where(nice: int | None = None) -> dict:
             "main_ms": _p50_ms(core), "thread_pool_ms": ThreadPoolExecutor(1).submit(_p50_ms, core).result()}
 
 
+def _with_switches(core) -> str:
+    switches: dict = {}
+    ms = _p50_ms(core, switches=switches)
+    return f"{ms} ms ({switches['voluntary']} voluntary, {switches['involuntary']} involuntary switches/pass)"
+
+
+def replica() -> None:
+    """The same passes inside an idle Serve replica started like the service (deploy/ray-serve.env)."""
+    from serve_app.ray_env import use_one_machine_env
+
+    use_one_machine_env()
+    import asyncio
+
+    from ray import serve
+
+    @serve.deployment(ray_actor_options={"num_cpus": 1})
+    class PassTimer:
+        def __init__(self) -> None:
+            self.core = _core()
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="forward")
+
+        async def measure(self) -> dict:
+            loop = asyncio.get_running_loop()
+            return {
+                "forward_thread": await loop.run_in_executor(self.pool, _with_switches, self.core),
+                "event_loop_blocked": _with_switches(self.core),
+            }
+
+    serve.run(PassTimer.bind(), name="pass-timing", route_prefix=None)
+    handle = serve.get_deployment_handle("PassTimer", app_name="pass-timing")
+    handle._init(_run_router_in_separate_loop=True)
+    try:
+        print("driver        forward thread", ThreadPoolExecutor(1).submit(_with_switches, _core()).result())
+        for key, value in handle.measure.remote().result().items():
+            print(f"Serve replica {key:<14}", value)
+    finally:
+        serve.shutdown()
+
+
+def cluster(rounds: int = 4) -> None:
+    """Passes in this process beside the whole service (`serve run`, ViT-B-32, production env) while it
+    idles, alternating with the same service frozen (SIGSTOP to every process of its session): what the
+    service's own background costs a forward pass sharing its cores."""
+    import signal
+    import tempfile
+    from pathlib import Path
+
+    from serve_app.bench.payloads import make_payload
+    from serve_app.bench.servers import OurServer, _session_members
+
+    core = _core()
+    args = {"model": "ViT-B-32", "pretrained": "random", "served_model_name": "bench", "torch_threads": 2}
+    with OurServer(Path(tempfile.mkdtemp(prefix="pass-timing-")), args) as server:
+        server.wait_ready(make_payload("text", model="bench"), 300)
+        time.sleep(5)  # start-up work settles
+        members = _session_members(server.process.pid)
+        print(f"service up: {len(members)} processes")
+        for _ in range(rounds):
+            print("service running", _with_switches(core), flush=True)
+            for pid in members:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                print("service frozen ", _with_switches(core), flush=True)
+            finally:
+                for pid in members:
+                    os.kill(pid, signal.SIGCONT)
+
+
 def main(argv: list[str]) -> int:
+    if "--cluster" in argv:
+        cluster()
+        return 0
+    if "--replica" in argv:
+        replica()
+        return 0
     if "--gaps" in argv:
         core = _core()
         for gap in (0.0, 0.01, 0.04, 0.0, 0.04):

@@ -314,7 +314,7 @@ def served_throughput(s: GpuSettings, precision: str) -> dict[str, Any]:
 
     from serve_app.bench.loadgen import Level, LoadSettings, run_load, wait_until_serving
     from serve_app.bench.payloads import ImagePayload
-    from serve_app.ray_env import free_port
+    from serve_app.ray_env import free_port, one_machine_env
 
     cores = os.cpu_count() or 2
     preprocessors = s.served_preprocessors or max(1, cores - 4)
@@ -351,6 +351,7 @@ def served_throughput(s: GpuSettings, precision: str) -> dict[str, Any]:
         ray.shutdown()
     return {
         "precision": precision, "import_path": s.served_import_path, "app_args": args, "startup_s": round(startup_s, 1),
+        "ray_env": {key: os.environ[key] for key in one_machine_env() if key in os.environ},
         "image_size": [width, height], **level.to_dict(), "images_per_s": level.items_per_s,
     }
 

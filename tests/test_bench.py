@@ -200,10 +200,11 @@ def test_compare_end_to_end_with_the_naive_server(tiny_model_dir: Path, tmp_path
     naive = result["served"]["naive"]
     assert naive["bare_before"] == 0 and naive["bare_after"] == 1 and naive["startup_s"] > 0
     assert naive["rss_ready"] and naive["rss_ready"][0]["rss_mib"] > 0
+    assert {r["modality"] for r in naive["bare_beside_idle"]["results"]} == {"image", "text"}
     for modality in ("image", "text"):
         assert [lv["concurrency"] for lv in naive["modalities"][modality]] == [1, 2]
     table = out.with_suffix(".md").read_text()
-    assert "| naive" in table and "× bare" in table
+    assert "| naive" in table and "× bare" in table and "× bare alone" in table
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
 
 
@@ -225,7 +226,8 @@ def _fake_result() -> dict:
         "machine": {"cpus": 2},
         "bare_runs": [bare(20.0), bare(10.0), bare(20.0)],  # the CPU slowed down during the naive run
         "served": {
-            "ours": {"bare_before": 0, "bare_after": 1, "modalities": {"image": [level(1, 6.0, 110.0), level(8, 13.5, 500.0)]}},
+            "ours": {"bare_before": 0, "bare_after": 1, "bare_beside_idle": bare(12.0),
+                     "modalities": {"image": [level(1, 6.0, 110.0), level(8, 13.5, 500.0)]}},
             "naive": {"bare_before": 1, "bare_after": 2, "modalities": {"image": [level(1, 5.0, 120.0), level(8, 5.0, 900.0)]}},
         },
     }
@@ -245,6 +247,17 @@ def test_compare_ratios_use_the_bracketing_bare_runs():
     text = compare_tables(_fake_result())
     assert "images/s ≥ 0.9 × bare (c=8) | 0.90 | yes" in text
     assert "image p50 at c=1 ≤ bare single + 15 ms (margin ms) | 5.00 | yes" in text
+
+
+def test_compare_reports_bare_beside_each_idle_server():
+    from serve_app.bench.compare import compare_tables, idle_rows
+
+    idle = {(r["system"], r["concurrency"]): r for r in idle_rows(_fake_result())}
+    assert set(idle) == {("ours", 1), ("ours", 8)}  # naive has no such run in this result
+    # beside idle ours: 12 images/s at batch 8, against ours' bracketing bare runs' mean of 15
+    assert idle[("ours", 8)]["x_bare"] == pytest.approx(12 / 15)
+    assert idle[("ours", 1)]["x_bare"] == pytest.approx(6 / 7.5)
+    assert "| image | 8 | ours | 12.00 | 0.80 |" in " ".join(compare_tables(_fake_result()).split())
 
 
 # ------------------------------------------------------------------ gpu script, CPU smoke path

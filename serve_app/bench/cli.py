@@ -190,7 +190,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                           width=width, height=height),
         app_args=json.loads(args.app_args) if args.app_args else {},
         startup_timeout_s=args.startup_timeout, infinity_bin=args.infinity_bin, workdir=args.workdir,
-        import_path=args.import_path, pythonpath=args.pythonpath,
+        import_path=args.import_path, pythonpath=args.pythonpath, bare_beside_idle=not args.no_bare_beside_idle,
     )
     result = run_compare(settings)
     result["command"] = " ".join(["clip-bench", *sys.argv[1:]]) if args.argv is None else " ".join(args.argv)
@@ -320,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="our app builder; another one measures an experiment the same way")
     compare.add_argument("--pythonpath", default=None, help="prepended to PYTHONPATH of our server")
     compare.add_argument("--startup-timeout", type=float, default=180.0)
+    compare.add_argument("--no-bare-beside-idle", action="store_true",
+                         help="skip the bare run beside each idle server (its wake-ups' cost to the model)")
     compare.add_argument("--infinity-bin", default=None, help="infinity_emb CLI (default: PATH, /tmp/infinity-venv)")
     compare.add_argument("--workdir", default=None, help="configs, logs, the HF model (default: a temp dir)")
     compare.add_argument("--no-plot", action="store_true")

@@ -3,7 +3,8 @@
 The CPU speed of a shared machine drifts, so every served run is bracketed by bare runs: bare, server A,
 bare, server B, bare, ... Each server's ratio to bare uses the mean of the bare runs just before and just
 after it, and servers are compared with each other through those ratios as well as directly. Only one
-server runs at a time, and none while bare runs.
+server runs at a time, and none while bare runs, except once more beside each server while it idles
+(`bare_beside_idle`): how much the mere presence of a server (its processes' wake-ups) slows the model.
 """
 
 import tempfile
@@ -44,6 +45,7 @@ class CompareSettings:
     infinity_bin: str | None = None
     infinity_batch_size: int = 32
     workdir: str | None = None
+    bare_beside_idle: bool = True  # one more bare run beside each server once it is ready, before its load
 
 
 # Where the service's default Ray CPU reservations exceed the machine's CPUs (they were encoder 1 + preprocessor 1
@@ -149,6 +151,9 @@ def run_compare(settings: CompareSettings) -> dict[str, Any]:
             entry["startup_s"] = round(server.wait_ready(payloads[settings.modalities[0]], settings.startup_timeout_s), 2)
             entry["rss_ready"] = server.rss()
             _log(f"{system} serving after {entry['startup_s']}s")
+            if settings.bare_beside_idle:
+                entry["bare_beside_idle"] = bare.run(tuple(settings.modalities))
+                _log(f"bare run beside idle {system} done")
             entry["modalities"] = {}
             for modality in settings.modalities:
                 results = run_load(server.base_url, payloads[modality], levels, settings.load)
@@ -273,9 +278,31 @@ def compare_tables(result: dict[str, Any]) -> str:
             f"{sum(p['rss_mib'] for p in rss) / 1024:.2f}" if rss else "",
         ])
     out.append(format_table(["system", "startup s", "RSS per replica GiB", "RSS all processes GiB"], startup))
+    idle = idle_rows(result)
+    if idle:
+        out += ["", "Bare beside each server while it idles (its processes' wake-ups share the cores):", ""]
+        out.append(format_table(
+            ["modality", "c", "beside", "bare items/s", "× bare alone"],
+            [[r["modality"], r["concurrency"], r["system"], fmt(r["items_per_s"], 2), fmt(r["x_bare"], 2)] for r in idle],
+        ))
     out.append("")
     out.append(targets_text(result, rows))
     return "\n".join(out)
+
+
+def idle_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Bare beside each idle server, as a ratio to the bare runs alone that bracket that server."""
+    rows = []
+    for modality in result["settings"]["modalities"]:
+        for c in result["settings"]["levels"]:
+            for system, entry in result["served"].items():
+                if "bare_beside_idle" not in entry:
+                    continue
+                beside = reference(entry["bare_beside_idle"], modality, c)
+                alone = _bare_ref(result, [entry["bare_before"], entry["bare_after"]], modality, c)
+                rows.append({"modality": modality, "concurrency": c, "system": system, "items_per_s": beside,
+                             "x_bare": beside / alone if beside is not None and alone else None})
+    return rows
 
 
 def _short(cmd: str) -> str:

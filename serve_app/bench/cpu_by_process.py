@@ -50,9 +50,11 @@ def main(argv: list[str]) -> int:
     before, started = cpu_seconds(), time.monotonic()
     time.sleep(seconds)
     after, wall = cpu_seconds(), time.monotonic() - started
+    started_inside = ("", 0.0, 0)  # a process born during the window: all its CPU and switches are inside it
     used = sorted(
-        ((cpu - before[pid][1]) / wall, (switches - before[pid][2]) / wall, cmd[:90])
-        for pid, (cmd, cpu, switches) in after.items() if pid in before
+        ((cpu - before.get(pid, started_inside)[1]) / wall, (switches - before.get(pid, started_inside)[2]) / wall,
+         cmd[:90])
+        for pid, (cmd, cpu, switches) in after.items()
     )
     for cores, switches, cmd in reversed(used[-14:]):
         print(f"{cores:6.2f} cores {switches:7.0f} switches/s  {cmd}")

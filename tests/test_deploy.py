@@ -14,8 +14,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from serve_app.app import build_app
 from serve_app.config import AppArgs
-from serve_app.ray_env import haproxy_ports, serve_env
-from tests.conftest import free_port
+from serve_app.ray_env import free_port, haproxy_ports, serve_env
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "deploy").glob("*.yaml"))

@@ -85,6 +85,10 @@ class ManagedServer:
         self.startup_s = time.perf_counter() - self.started_at
         return self.startup_s
 
+    def session_pids(self) -> list[int]:
+        """Every live process of the server's session (Ray's raylet, GCS, actors and replicas included)."""
+        return _session_members(self.process.pid) if self.process is not None else []
+
     def rss(self) -> list[dict[str, Any]]:
         """RSS of the server's processes (Ray's replicas are separate processes: one row each)."""
         return tree_rss(self.process.pid) if self.process is not None else []

@@ -110,14 +110,14 @@ def cluster(rounds: int = 4) -> None:
     from pathlib import Path
 
     from serve_app.bench.payloads import make_payload
-    from serve_app.bench.servers import OurServer, _session_members
+    from serve_app.bench.servers import OurServer
 
     core = _core()
     args = {"model": "ViT-B-32", "pretrained": "random", "served_model_name": "bench", "torch_threads": 2}
     with OurServer(Path(tempfile.mkdtemp(prefix="pass-timing-")), args) as server:
         server.wait_ready(make_payload("text", model="bench"), 300)
         time.sleep(5)  # start-up work settles
-        members = _session_members(server.process.pid)
+        members = server.session_pids()
         print(f"service up: {len(members)} processes")
         for _ in range(rounds):
             print("service running", _with_switches(core), flush=True)

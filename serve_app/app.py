@@ -8,29 +8,37 @@ from typing import Any
 
 from ray.serve import Application
 
-from serve_app.config import AppArgs, BatchSettings
+from serve_app.config import AppArgs, BatchSettings, ModelSpec
 from serve_app.encoder import ClipEncoder
 from serve_app.ingress import OpenAIIngress
 from serve_app.preprocess import Preprocessor
 
 
 def build_app(args: AppArgs) -> Application:
-    """Binds one Preprocessor pool, one ClipEncoder pool per model, and the OpenAIIngress in front."""
+    """Binds one Preprocessor pool, one ClipEncoder pool per model, and the OpenAIIngress in front; or, in
+    the one-process layout, an OpenAIIngress that holds the other two itself."""
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args or {})
     specs = args.model_specs()
+    if args.layout == "one-process":
+        (spec,) = specs
+        return OpenAIIngress.options(user_config=spec.batching.model_dump(), **spec.encoder_options).bind(
+            None, None, [_constructor_spec(spec)], args.max_inputs_per_request, args.zero_shot, args.image_limits
+        )
     encoders: dict[str, Any] = {}
     for spec in specs:
-        encoder_options = spec.encoder_options
-        # Batching reaches the replica only through user_config, so changing it is a light update
-        # (`reconfigure`), not a restart: the constructor arguments stay the same.
-        constructor_spec = spec.model_copy(update={"batching": BatchSettings()})
         encoders[spec.name] = ClipEncoder.options(
             name=f"ClipEncoder-{spec.slug}",
             user_config=spec.batching.model_dump(),
-            **encoder_options,
-        ).bind(constructor_spec)
+            **spec.encoder_options,
+        ).bind(_constructor_spec(spec))
     preprocessor = Preprocessor.options(**args.preprocessor.deployment_options()).bind(specs, args.image_limits)
     return OpenAIIngress.options(**args.ingress.deployment_options()).bind(
         preprocessor, encoders, specs, args.max_inputs_per_request, args.zero_shot
     )
+
+
+def _constructor_spec(spec: ModelSpec) -> ModelSpec:
+    """Batching reaches the replica only through user_config, so changing it is a light update
+    (`reconfigure`), not a restart: the constructor arguments stay the same."""
+    return spec.model_copy(update={"batching": BatchSettings()})

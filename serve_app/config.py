@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 DEFAULT_MODEL = "hf-hub:laion/CLIP-ViT-g-14-laion2B-s34B-b88K"
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
+Layout = Literal["pools", "one-process"]
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -173,6 +174,11 @@ class AppArgs(StrictModel):
     ingress: PoolSettings = Field(
         default_factory=lambda: PoolSettings(num_replicas=1, max_ongoing_requests=256, num_cpus=0.25)
     )
+    layout: Layout = Field(
+        default="pools",
+        description="pools: ingress, preprocessor and encoder deployments (GPUs, clusters); one-process: all "
+        "three in one deployment with the model's encoder pool settings (one model on a CPU-only box)",
+    )
     max_inputs_per_request: int = Field(default=2048, ge=1)
     image_limits: ImageLimits = Field(default_factory=ImageLimits)
     zero_shot: ZeroShotSettings = Field(default_factory=lambda: ZeroShotSettings())
@@ -207,5 +213,16 @@ class AppArgs(StrictModel):
 
     @model_validator(mode="after")
     def _check_models(self) -> "AppArgs":
-        self.model_specs()
+        specs = self.model_specs()
+        if self.layout == "one-process":
+            unused = sorted({"preprocessor", "ingress"} & self.model_fields_set)
+            if unused:
+                raise ValueError(
+                    f"layout one-process runs everything in one deployment with the model's `encoder` pool "
+                    f"settings; remove {' and '.join(unused)}"
+                )
+            if len(specs) != 1:
+                raise ValueError("layout one-process serves one model; use layout pools for several")
+            if specs[0].device == "cuda" or specs[0].encoder_gpus:
+                raise ValueError("layout one-process is for CPU-only machines; use layout pools with a GPU")
         return self

@@ -18,8 +18,9 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import metrics
-from serve_app.config import ModelSpec, ZeroShotSettings
+from serve_app.config import ImageLimits, ModelSpec, ZeroShotSettings
 from serve_app.errors import error_body, error_payload
+from serve_app.in_process import in_process_pools
 from serve_app.inputs import check_count, collect_inputs, input_from_item
 from serve_app.modeling import load_model_config
 from serve_app.protocol import (
@@ -152,13 +153,34 @@ class OpenAIIngress:
         models: list[ModelSpec],
         max_inputs_per_request: int,
         zero_shot: ZeroShotSettings,
+        image_limits: ImageLimits | None = None,
     ) -> None:
+        """`preprocessor` and `encoders` are handles of the other pools, or None in the one-process
+        layout: then this replica builds them itself (`in_process_pools`) from `models` and `image_limits`."""
+        self._in_process: list[Any] = []
+        if preprocessor is None:
+            preprocessor, encoders = in_process_pools(models, image_limits or ImageLimits())
+            self._in_process = [handle.target for handle in encoders.values()]
         served = {
             spec.name: ServedModel(spec.name, load_model_config(spec.model, spec.pretrained), encoders[spec.name])
             for spec in models
         }
         self._service = ClipService(preprocessor, served, zero_shot)
         self._max_inputs = max_inputs_per_request
+
+    def reconfigure(self, user_config: dict) -> None:
+        """One-process layout: the encoder's batching (`user_config`), changed without a restart."""
+        for encoder in self._in_process:
+            encoder.reconfigure(user_config)
+
+    def in_process_info(self) -> dict[str, dict]:
+        """One-process layout: what each encoder in this replica runs with (`ClipEncoder.info`)."""
+        return {encoder._spec.name: encoder.info() for encoder in self._in_process}
+
+    def check_health(self) -> None:
+        """One-process layout: Ray Serve replaces this replica when its encoder keeps failing."""
+        for encoder in self._in_process:
+            encoder.check_health()
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
     async def create_embeddings(self, request: EmbeddingRequest) -> Response:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from serve_app.app import build_app
 from serve_app.config import DEFAULT_MODEL, AppArgs, ModelSpec, PoolSettings
 from serve_app.errors import InvalidRequest, ModelNotFound, PayloadTooLarge, error_payload
 
@@ -100,3 +101,21 @@ def test_default_pools_fit_a_two_cpu_laptop():
     args = AppArgs()
     reserved = args.preprocessor.num_cpus + args.ingress.num_cpus + sum(s.encoder.num_cpus for s in args.model_specs())
     assert reserved <= 2
+
+
+def test_one_process_layout_is_one_model_on_the_cpu_with_the_encoder_pool_settings():
+    args = AppArgs.model_validate({"layout": "one-process", "encoder": {"num_replicas": 2, "num_cpus": 1.5}})
+    app = build_app(args)
+    deployment = app._bound_deployment
+    assert deployment.name == "OpenAIIngress"
+    assert deployment.num_replicas == 2 and deployment.ray_actor_options["num_cpus"] == 1.5
+    assert deployment.ray_actor_options["num_gpus"] == 0
+    assert AppArgs().layout == "pools"
+    with pytest.raises(ValidationError, match="remove ingress and preprocessor"):
+        AppArgs.model_validate({"layout": "one-process", "ingress": {"num_cpus": 1}, "preprocessor": {"num_cpus": 1}})
+    with pytest.raises(ValidationError, match="serves one model"):
+        AppArgs.model_validate({"layout": "one-process", "models": [{"served_model_name": "a"}, {"served_model_name": "b"}]})
+    with pytest.raises(ValidationError, match="CPU-only"):
+        AppArgs.model_validate({"layout": "one-process", "device": "cuda"})
+    with pytest.raises(ValidationError, match="layout"):
+        AppArgs.model_validate({"layout": "one-box"})

@@ -208,6 +208,10 @@ def test_compare_end_to_end_with_the_naive_server(tiny_model_dir: Path, tmp_path
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
 
 
+def level_dict(c: int, rate: float, p50: float) -> dict:
+    return {"concurrency": c, "items_per_s": rate, "errors": {}, "latency_ms": {"p50": p50, "p95": p50, "p99": p50}}
+
+
 def _fake_result() -> dict:
     def bare(image_rate: float) -> dict:
         return {"results": [
@@ -312,6 +316,35 @@ def test_our_app_args_fit_small_machines(monkeypatch):
     assert small["preprocessor"] == SMALL_MACHINE_ARGS["preprocessor"] and small["ingress"] == SMALL_MACHINE_ARGS["ingress"]
     settings.app_args = {"ingress": {"num_cpus": 0.1}}  # explicit args win
     assert our_app_args(settings)["ingress"] == {"num_cpus": 0.1}
+
+
+def test_ours_in_one_process_runs_the_same_args_in_that_layout(monkeypatch):
+    import os
+
+    from serve_app.bench.compare import CompareSettings, one_process_app_args, our_app_args
+    from serve_app.config import AppArgs
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)  # the pools' args would gain small-machine reservations
+    settings = CompareSettings(model="ViT-B-32", pretrained="random", threads=2, app_args={"max_batch_size": 16})
+    pools, one = our_app_args(settings), one_process_app_args(settings)
+    assert "ingress" in pools and "ingress" not in one and "preprocessor" not in one
+    assert one == {**{k: v for k, v in pools.items() if k not in ("ingress", "preprocessor")}, "layout": "one-process"}
+    assert AppArgs.model_validate(one).layout == "one-process"
+
+
+def test_compare_reports_targets_for_each_layout_of_ours():
+    from serve_app.bench.compare import compare_rows, compare_tables
+
+    result = _fake_result()
+    result["served"]["ours-1p"] = {"bare_before": 1, "bare_after": 2,
+                                   "modalities": {"image": [level_dict(1, 7.0, 105.0), level_dict(8, 14.0, 450.0)]}}
+    rows = {(r["system"], r["concurrency"]): r for r in compare_rows(result)}
+    assert rows[("ours-1p", 8)]["x_bare"] == pytest.approx(14.0 / 15)
+    assert rows[("ours-1p", 8)]["x_ours"] == pytest.approx((14.0 / 15) / (13.5 / 15))
+    text = compare_tables(result)
+    assert "| images/s ≥ 0.9 × bare (c=8) | 0.90 | yes |" in text
+    assert "| ours-1p: images/s ≥ 0.9 × bare (c=8) | 0.93 | yes |" in text
+    assert "× ours-1p" in text
 
 
 def test_our_server_runs_ray_as_production_unless_the_caller_says_otherwise(monkeypatch, tmp_path: Path):

@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(compare)
     compare.add_argument("--levels", default="1,32", help="concurrency levels")
     compare.add_argument("--modalities", default="image,text")
-    compare.add_argument("--systems", default="ours,naive,infinity", help="infinity is skipped when not installed")
+    compare.add_argument("--systems", default="ours,ours-1p,naive,infinity",
+                         help="ours-1p: our service in the one-process layout; infinity is skipped when not installed")
     compare.add_argument("--image-size", default="640x480")
     compare.add_argument("--distinct", type=int, default=128)
     compare.add_argument("--bare-image-batches", default=None, help="default: 1, 8 and 32 up to the top level")

@@ -20,7 +20,8 @@ from serve_app.bench.plot import save_figure
 from serve_app.bench.report import fmt, format_table, git_state, loadavg, machine_info
 from serve_app.bench.servers import InfinityServer, ManagedServer, NaiveServer, OurServer, find_infinity
 
-SYSTEMS = ("ours", "naive", "infinity")
+SYSTEMS = ("ours", "ours-1p", "naive", "infinity")
+OUR_SYSTEMS = ("ours", "ours-1p")  # the service in its default layout (three pools) and in `one-process`
 SERVED_NAME = "bench"
 
 
@@ -79,6 +80,12 @@ def our_app_args(settings: CompareSettings) -> dict[str, Any]:
     return _merge(args, settings.app_args)
 
 
+def one_process_app_args(settings: CompareSettings) -> dict[str, Any]:
+    """`our_app_args` in the one-process layout, which has only the encoder pool's settings."""
+    args = {k: v for k, v in our_app_args(settings).items() if k not in ("preprocessor", "ingress")}
+    return {**args, "layout": "one-process"}
+
+
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
@@ -101,13 +108,14 @@ def _payload(modality: str, settings: CompareSettings) -> PayloadKind:
 
 
 def _server(system: str, settings: CompareSettings, workdir: Path) -> ManagedServer:
-    if system == "ours":
+    if system in OUR_SYSTEMS:
         env = None
         if settings.pythonpath:
             import os
 
             env = {"PYTHONPATH": os.pathsep.join(p for p in (settings.pythonpath, os.environ.get("PYTHONPATH")) if p)}
-        return OurServer(workdir / "ours", our_app_args(settings), import_path=settings.import_path, env=env)
+        args = our_app_args(settings) if system == "ours" else one_process_app_args(settings)
+        return OurServer(workdir / system, args, import_path=settings.import_path, env=env)
     if system == "naive":
         return NaiveServer(workdir / "naive", settings.model, settings.pretrained, settings.threads, SERVED_NAME)
     if system == "infinity":
@@ -320,7 +328,20 @@ def targets_text(result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     levels = result["settings"]["levels"]
     high, low = max(levels), min(levels)
     checks: list[tuple[str, float | None, float, str]] = []  # (name, value, threshold, comparison)
-    img_hi, txt_hi, txt_lo = get("ours", "image", high), get("ours", "text", high), get("ours", "text", low)
+    for system in OUR_SYSTEMS:
+        if system in result["served"]:
+            label = "" if system == "ours" else f"{system}: "
+            checks += [(label + name, *rest) for name, *rest in _target_checks(result, get, system, high, low)]
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    for name, value, threshold, op in checks:
+        met = value is not None and (value >= threshold if op == ">=" else value > threshold)
+        lines.append(f"| {name} | {fmt(value, 2)} | {'yes' if met else 'NO'} |")
+    return "\n".join(lines)
+
+
+def _target_checks(result: dict[str, Any], get: Any, system: str, high: int, low: int) -> list[tuple[str, float | None, float, str]]:
+    checks: list[tuple[str, float | None, float, str]] = []
+    img_hi, txt_hi, txt_lo = get(system, "image", high), get(system, "text", high), get(system, "text", low)
     if img_hi:
         checks.append((f"images/s ≥ 0.9 × bare (c={high})", img_hi["x_bare"], 0.9, ">="))
         for peer, target in (("naive", 1.3), ("infinity", 1.0)):
@@ -333,18 +354,14 @@ def targets_text(result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                 checks.append((f"texts/s vs {peer} (c={high})", txt_hi[f"x_{peer}"], target, ">=" if peer == "naive" else ">"))
     if txt_lo and low == 1:
         checks.append(("texts/s ≥ 0.8 × bare (c=1)", txt_lo["x_bare"], 0.8, ">="))
-    img_lo = get("ours", "image", low)
+    img_lo = get(system, "image", low)
     bare_single = single_latency_ms(result["bare_runs"][0], "image")
     if img_lo and low == 1 and bare_single is not None and img_lo["p50_ms"] is not None:
         singles = [single_latency_ms(b, "image") for b in result["bare_runs"]]
         singles = [s for s in singles if s is not None]
         bare_single = sum(singles) / len(singles)
         checks.append(("image p50 at c=1 ≤ bare single + 15 ms (margin ms)", bare_single + 15 - img_lo["p50_ms"], 0.0, ">="))
-    lines = ["| target | measured | met |", "|---|---|---|"]
-    for name, value, threshold, op in checks:
-        met = value is not None and (value >= threshold if op == ">=" else value > threshold)
-        lines.append(f"| {name} | {fmt(value, 2)} | {'yes' if met else 'NO'} |")
-    return "\n".join(lines)
+    return checks
 
 
 def plot_compare(result: dict[str, Any], path: str | Path) -> Path:

@@ -142,6 +142,7 @@ class ClipEncoder:
     def info(self) -> dict:
         """What this replica runs with; `pid` lets tests and operators tell a reconfigure from a restart."""
         return {
+            "model": self._spec.name,
             "pid": os.getpid(),
             "device": self._core.device,
             "precision": self._core.precision,

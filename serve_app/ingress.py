@@ -175,7 +175,7 @@ class OpenAIIngress:
 
     def in_process_info(self) -> dict[str, dict]:
         """One-process layout: what each encoder in this replica runs with (`ClipEncoder.info`)."""
-        return {encoder._spec.name: encoder.info() for encoder in self._in_process}
+        return {info["model"]: info for info in (encoder.info() for encoder in self._in_process)}
 
     def check_health(self) -> None:
         """One-process layout: Ray Serve replaces this replica when its encoder keeps failing."""

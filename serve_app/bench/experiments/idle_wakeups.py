@@ -1,0 +1,67 @@
+"""EXPERIMENT: how often the idle service's processes wake up, per Ray environment variant (BENCHMARKS.md).
+
+    python -m serve_app.bench.experiments.idle_wakeups                      # one-process layout, 2 rounds
+    python -m serve_app.bench.experiments.idle_wakeups --layout pools --rounds 1 --per-process
+
+Starts the service (ViT-B-32, random weights, production Ray env) once per variant and round, waits until it
+serves and then 5 s more, and counts CPU and context switches (wake-ups and preemptions) of every process of
+its session over 10 s. On two cores each wake-up can preempt one of torch's two threads.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from serve_app.bench.cpu_by_process import cpu_seconds
+from serve_app.bench.payloads import TextPayload
+from serve_app.bench.servers import OurServer
+
+# Ray Serve's controller loop and metric export intervals (0.1 s each by default; both read at process start).
+VARIANTS: dict[str, dict[str, str]] = {
+    "default": {},
+    "slow-loops": {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"},
+}
+
+
+def measure(layout: str, env: dict[str, str], workdir: Path, window_s: float = 10.0) -> list[tuple[str, float, float]]:
+    """(command, cores, switches/s) of each process of the idle service's session."""
+    args = {"model": "ViT-B-32", "pretrained": "random", "served_model_name": "bench", "torch_threads": 2,
+            "layout": layout}
+    server = OurServer(workdir, args, env=env)
+    server.start()
+    try:
+        server.wait_ready(TextPayload(model="bench", distinct=8).prepare(), 180)
+        time.sleep(5)
+        members = set(server.session_pids())
+        before, start = cpu_seconds(), time.monotonic()
+        time.sleep(window_s)
+        after, elapsed = cpu_seconds(), time.monotonic() - start
+    finally:
+        server.stop()
+    return [
+        (after[pid][0], (after[pid][1] - before[pid][1]) / elapsed, (after[pid][2] - before[pid][2]) / elapsed)
+        for pid in sorted(members) if pid in before and pid in after
+    ]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layout", default="one-process", choices=("pools", "one-process"))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--per-process", action="store_true", help="every process, not only the busiest six")
+    parser.add_argument("--workdir", default="/tmp/idle-wakeups")
+    args = parser.parse_args(argv)
+    for round_ in range(args.rounds):
+        for name, env in VARIANTS.items():
+            rows = measure(args.layout, env, Path(args.workdir) / f"{name}-{round_}")
+            cores, switches = sum(r[1] for r in rows), sum(r[2] for r in rows)
+            print(f"round {round_} {name}: {len(rows)} processes, {cores:.3f} cores, {switches:.0f} switches/s",
+                  flush=True)
+            for cmd, c, s in sorted(rows, key=lambda r: -r[2])[: None if args.per_process else 6]:
+                print(f"    {s:6.0f}/s {c:.3f} cores  {cmd[:100]}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

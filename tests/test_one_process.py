@@ -2,11 +2,10 @@
 encoder, serving the same API with the same vectors as the three pools."""
 
 import sys
-from types import SimpleNamespace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import ray.cloudpickle
 import requests

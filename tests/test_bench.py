@@ -359,3 +359,17 @@ def test_our_server_runs_ray_as_production_unless_the_caller_says_otherwise(monk
     assert server.env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2"  # stops in seconds
     ports = {server.env[name] for name in HAPROXY_NODE_PORTS}
     assert len(ports) == 2 and all(p.isdigit() for p in ports)  # its own HAProxy ports, not 8404/9101
+
+
+def test_every_experiment_module_imports_and_has_an_entry_point():
+    """Experiments are run by hand (BENCHMARKS.md gives each command): at least they must still import."""
+    import importlib
+    import pkgutil
+
+    import serve_app.bench.experiments as experiments
+
+    names = [m.name for m in pkgutil.iter_modules(experiments.__path__)]
+    assert {"idle_wakeups", "path_latency", "pass_timing"} <= set(names)
+    for name in names:
+        module = importlib.import_module(f"serve_app.bench.experiments.{name}")
+        assert callable(getattr(module, "main", None)) or callable(getattr(module, "build_app", None)), name

@@ -45,17 +45,25 @@ def cpu_seconds() -> dict[int, tuple[str, float, int]]:
     return out
 
 
-def main(argv: list[str]) -> int:
-    seconds = float(argv[0]) if argv else 10.0
+def usage(seconds: float, pids: set[int] | None = None) -> tuple[list[tuple[float, float, str]], float]:
+    """(cores, switches/s, command) of each process (of `pids`, if given) over the next `seconds`, and the
+    wall time measured. A process born during the window counts from zero: all its CPU and switches are inside."""
     before, started = cpu_seconds(), time.monotonic()
     time.sleep(seconds)
     after, wall = cpu_seconds(), time.monotonic() - started
-    started_inside = ("", 0.0, 0)  # a process born during the window: all its CPU and switches are inside it
-    used = sorted(
-        ((cpu - before.get(pid, started_inside)[1]) / wall, (switches - before.get(pid, started_inside)[2]) / wall,
-         cmd[:90])
+    started_inside = ("", 0.0, 0)
+    rows = [
+        ((cpu - before.get(pid, started_inside)[1]) / wall, (switches - before.get(pid, started_inside)[2]) / wall, cmd)
         for pid, (cmd, cpu, switches) in after.items()
-    )
+        if pids is None or pid in pids
+    ]
+    return rows, wall
+
+
+def main(argv: list[str]) -> int:
+    seconds = float(argv[0]) if argv else 10.0
+    rows, wall = usage(seconds)
+    used = sorted((cores, switches, cmd[:90]) for cores, switches, cmd in rows)
     for cores, switches, cmd in reversed(used[-14:]):
         print(f"{cores:6.2f} cores {switches:7.0f} switches/s  {cmd}")
     print(f"total {sum(u[0] for u in used):.2f} cores, {sum(u[1] for u in used):.0f} switches/s over {wall:.1f} s")

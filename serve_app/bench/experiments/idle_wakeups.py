@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from serve_app.bench.cpu_by_process import cpu_seconds
+from serve_app.bench.cpu_by_process import usage
 from serve_app.bench.payloads import TextPayload
 from serve_app.bench.servers import OurServer
 
@@ -33,16 +33,10 @@ def measure(layout: str, env: dict[str, str], workdir: Path, window_s: float = 1
     try:
         server.wait_ready(TextPayload(model="bench", distinct=8).prepare(), 180)
         time.sleep(5)
-        members = set(server.session_pids())
-        before, start = cpu_seconds(), time.monotonic()
-        time.sleep(window_s)
-        after, elapsed = cpu_seconds(), time.monotonic() - start
+        rows, _ = usage(window_s, set(server.session_pids()))
     finally:
         server.stop()
-    return [
-        (after[pid][0], (after[pid][1] - before[pid][1]) / elapsed, (after[pid][2] - before[pid][2]) / elapsed)
-        for pid in sorted(members) if pid in before and pid in after
-    ]
+    return [(cmd, cores, switches) for cores, switches, cmd in rows]
 
 
 def main(argv: list[str]) -> int:

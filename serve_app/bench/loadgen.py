@@ -134,8 +134,9 @@ def _summarise(
     counts = Counter(r.outcome for r in inside)
     errors = {k: v for k, v in counts.items() if not _is_ok(k)}
     span = max(end - start, 1e-9)
-    share = {id(r): _share_inside(r, start, end) for r in records if _is_ok(r.outcome)}
-    first_ok = min((r for r in records if _is_ok(r.outcome)), key=lambda r: r.end, default=None)
+    all_ok = [r for r in records if _is_ok(r.outcome)]
+    shares = [_share_inside(r, start, end) for r in all_ok]
+    first_ok = min(all_ok, key=lambda r: r.end, default=None)
     return LevelResult(
         concurrency=level.concurrency,
         rate=level.rate,
@@ -144,8 +145,8 @@ def _summarise(
         completed=len(inside),
         ok=len(ok),
         items_ok=sum(r.items for r in ok),
-        requests_per_s=sum(share.values()) / span,
-        items_per_s=sum(r.items * share[id(r)] for r in records if id(r) in share) / span,
+        requests_per_s=sum(shares) / span,
+        items_per_s=sum(r.items * share for r, share in zip(all_ok, shares)) / span,
         latency_ms=latency_summary([r.end - r.start for r in ok]),
         status_counts=dict(sorted(counts.items())),
         errors=dict(sorted(errors.items())),

@@ -61,6 +61,16 @@ def faulty_url(serve_url, tiny_model_dir, tmp_path_factory):
     serve.delete("faulty")
 
 
+def assert_three_failures_fail_the_health_check(url: str, deployment: str, app_name: str) -> None:
+    """Three requests in a row get an OpenAI-style 503; the third failure in a row makes Ray's replica health
+    check of `deployment` fail."""
+    for _ in range(3):
+        assert_error(post(url, {"input": ["x"]}), 503, None, "encoder failed")
+    handle = driver_handle(deployment, app_name=app_name)
+    with pytest.raises(Exception, match="forward passes failed in a row"):
+        handle.check_health.remote().result(timeout_s=30)
+
+
 def test_encoder_failure_gives_503_and_unhealthy_then_recovers(faulty_url):
     url, flag = faulty_url
     assert requests.get(url + "/health", timeout=30).status_code == 200
@@ -71,12 +81,7 @@ def test_encoder_failure_gives_503_and_unhealthy_then_recovers(faulty_url):
         assert health.status_code == 503
         assert health.json()["models"][TINY_NAME]["ok"] is False
         assert "probe encode failed" in health.json()["models"][TINY_NAME]["detail"]
-        for _ in range(3):
-            assert_error(post(url, {"input": ["x"]}), 503, None, "encoder failed")
-        # The third failure in a row makes Ray's replica health check fail.
-        handle = driver_handle("FaultyEncoder", app_name="faulty")
-        with pytest.raises(Exception, match="forward passes failed in a row"):
-            handle.check_health.remote().result(timeout_s=30)
+        assert_three_failures_fail_the_health_check(url, "FaultyEncoder", "faulty")
     finally:
         flag.unlink()
     deadline = time.monotonic() + 60  # the same replica recovers, or Ray replaced it

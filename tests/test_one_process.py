@@ -3,6 +3,7 @@ encoder, serving the same API with the same vectors as the three pools."""
 
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,10 +14,10 @@ from ray import serve
 
 from serve_app.app import build_app
 from serve_app.config import AppArgs, ImageLimits, ZeroShotSettings
-from serve_app.encoder import ClipEncoder
 from serve_app.ingress import OpenAIIngress
 from tests.conftest import TINY_NAME, b64, data_uri, driver_handle, encode, random_image
 from tests.test_api import JPEG, PNG_RGBA, assert_error, assert_same, expected_image, expected_text, post, vectors
+from tests.test_faults import FaultyEncoder, assert_three_failures_fail_the_health_check
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -76,24 +77,16 @@ def test_concurrent_requests_and_bad_items_fail_alone(one_url, reference):
         assert_error(response, 400, "input[0]")
 
 
-class FailingEncoder(ClipEncoder.func_or_class):
-    """The production encoder, whose forward passes always fail."""
+def test_a_failing_in_process_encoder_gives_503_and_fails_the_replica_health_check(serve_url, tiny_model_dir, tmp_path):
+    flag = tmp_path / "fail"
+    flag.touch()  # test_faults' FaultyEncoder fails every forward pass after its warm-up while this exists
 
-    def __init__(self, spec) -> None:
-        super().__init__(spec)
-        self._core.encode_texts = self._fail
-
-    @staticmethod
-    def _fail(rows):
-        raise RuntimeError("simulated failure")
-
-
-def test_a_failing_in_process_encoder_gives_503_and_fails_the_replica_health_check(serve_url, tiny_model_dir):
     class FailingIngress(OpenAIIngress.func_or_class):
         async def __init__(self, *args, **kwargs):
             import serve_app.in_process
 
-            serve_app.in_process.ClipEncoder = SimpleNamespace(func_or_class=FailingEncoder)  # this replica only
+            faulty = partial(FaultyEncoder, flag=str(flag))
+            serve_app.in_process.ClipEncoder = SimpleNamespace(func_or_class=faulty)  # this replica only
             await super().__init__(*args, **kwargs)
 
     spec = AppArgs.model_validate(one_process_args(tiny_model_dir)).model_specs()[0]
@@ -102,12 +95,7 @@ def test_a_failing_in_process_encoder_gives_503_and_fails_the_replica_health_che
     )
     serve.run(app, name="one-failing", route_prefix="/one-failing")
     try:
-        url = serve_url + "/one-failing"
-        for _ in range(3):
-            assert_error(post(url, {"input": ["x"]}), 503, None, "encoder failed")
-        handle = driver_handle("OpenAIIngress", app_name="one-failing")
-        with pytest.raises(Exception, match="forward passes failed in a row"):
-            handle.check_health.remote().result(timeout_s=30)
+        assert_three_failures_fail_the_health_check(serve_url + "/one-failing", "OpenAIIngress", "one-failing")
     finally:
         serve.delete("one-failing")
 

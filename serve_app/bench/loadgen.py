@@ -1,4 +1,8 @@
-"""The load generator: asyncio + httpx against any OpenAI-compatible embeddings URL.
+"""The load generator: asyncio + aiohttp against any OpenAI-compatible embeddings URL.
+
+It shares the machine with the server it measures, so its own CPU per request matters: aiohttp's client
+costs ~0.55 ms of CPU per short embedding request here, httpx's ~2.6-3.3 ms (BENCHMARKS.md, "The load
+generator's own CPU"); on two cores httpx took a tenth of the machine from the server at 80 requests/s.
 
 Two ways to load a server, each bounded in time (warm-up + measurement window) and optionally in count:
 - closed loop at a fixed concurrency: `c` workers, each sends its next request when the last one returns;
@@ -107,19 +111,22 @@ def _check_body(body: bytes, items: int) -> bool:
 
 
 async def _send(client: Any, url: str, request: HttpRequest, settings: LoadSettings) -> str:
-    import httpx
+    import aiohttp
 
     try:
-        response = await client.post(
-            url, content=request.body, headers={"content-type": "application/json", **settings.headers}
-        )
-    except httpx.TimeoutException:
+        async with client.post(
+            url, data=request.body, headers={"content-type": "application/json", **settings.headers}
+        ) as response:
+            outcome = str(response.status)
+            body = await response.read()
+    except asyncio.TimeoutError:
         return "timeout"
-    except httpx.HTTPError as exc:
+    except aiohttp.ClientConnectorError:
+        return "ConnectError"
+    except aiohttp.ClientError as exc:
         return type(exc).__name__
-    outcome = str(response.status_code)
     if settings.verify and _is_ok(outcome) and request.path.endswith(("/embeddings", "/classify")):
-        if not _check_body(response.content, request.items):
+        if not _check_body(body, request.items):
             return "bad-response"
     return outcome
 
@@ -265,13 +272,13 @@ async def run_level(client: Any, base_url: str, payload: PayloadKind, level: Lev
 async def run_load_async(
     base_url: str, payload: PayloadKind, levels: list[Level], settings: LoadSettings
 ) -> list[LevelResult]:
-    import httpx
+    import aiohttp
 
     largest = max((lv.concurrency or settings.max_inflight) for lv in levels)
-    limits = httpx.Limits(max_connections=largest, max_keepalive_connections=largest)
-    timeout = httpx.Timeout(settings.timeout_s, connect=min(30.0, settings.timeout_s))
+    connector = aiohttp.TCPConnector(limit=largest)
+    timeout = aiohttp.ClientTimeout(total=settings.timeout_s, connect=min(30.0, settings.timeout_s))
     results = []
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as client:
         for level in levels:
             results.append(await run_level(client, base_url.rstrip("/"), payload, level, settings))
     return results

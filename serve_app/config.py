@@ -72,6 +72,11 @@ class BatchSettings(StrictModel):
     batch_wait_timeout_s: float = Field(default=0.002, ge=0.0, le=10.0)
     text_max_batch_size: int = Field(default=64, ge=1, le=4096)
     text_batch_wait_timeout_s: float = Field(default=0.002, ge=0.0, le=10.0)
+    # After a pass, wait for the callers it answered to come back (closed-loop clients) for at most this
+    # fraction of the pass's duration, and no longer once arrivals pause for `refill_gap_s`; 0 turns it off.
+    # Only when the pass answered at least twice the rows that arrived during it (serve_app/pass_gate.py).
+    refill_wait_fraction: float = Field(default=0.5, ge=0.0, le=4.0)
+    refill_gap_s: float = Field(default=0.01, ge=0.0, le=10.0)
 
 
 def _default_encoder_pool() -> PoolSettings:

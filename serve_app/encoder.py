@@ -20,6 +20,7 @@ from serve_app import metrics
 from serve_app.config import BatchSettings, ModelSpec
 from serve_app.errors import InvalidRequest, ServeAppError, Unavailable
 from serve_app.modeling import encode_text, load_model, resolve_device, resolve_precision
+from serve_app.pass_gate import PassGate
 
 logger = logging.getLogger("ray.serve")
 
@@ -91,13 +92,8 @@ class ClipEncoder:
         self._batching = spec.batching
         # One thread: forward passes of the two queues never compete for the same cores or device.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
-        # Set while no forward pass runs. Ray 2.60's @serve.batch cuts a batch `batch_wait_timeout_s` after
-        # its first item even while the previous batch still runs (it takes the max_concurrent_batches
-        # semaphore only after cutting), so under load a slow pass leaves a train of tiny batches behind it.
-        # Calls wait here instead, and enter the queue together when the pass ends: one full batch.
-        self._forward_idle = asyncio.Event()
-        self._forward_idle.set()
-        self._batches_running = 0  # image and text batches share the gate
+        # Calls wait here while a pass runs, and after it until its callers are back (serve_app/pass_gate.py).
+        self._gate = PassGate(self._batching.refill_wait_fraction, self._batching.refill_gap_s)
         self._last_success: float | None = None
         self._consecutive_failures = 0
         self._warm_up()
@@ -121,6 +117,8 @@ class ClipEncoder:
         self._image_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self._text_batch.set_max_batch_size(batching.text_max_batch_size)
         self._text_batch.set_batch_wait_timeout_s(batching.text_batch_wait_timeout_s)
+        self._gate.refill_wait_fraction = batching.refill_wait_fraction
+        self._gate.refill_gap_s = batching.refill_gap_s
         self._batching = batching
 
     # ------------------------------------------------------------------ public methods (via handles)
@@ -147,6 +145,7 @@ class ClipEncoder:
             "device": self._core.device,
             "precision": self._core.precision,
             "batching": self._batching.model_dump(),
+            "gate": {"refill_wait_fraction": self._gate.refill_wait_fraction, "refill_gap_s": self._gate.refill_gap_s},
         }
 
     async def health(self) -> dict:
@@ -173,7 +172,7 @@ class ClipEncoder:
 
     async def _embed(self, rows: torch.Tensor, queue, max_rows: int) -> np.ndarray:
         enqueued = time.perf_counter()
-        await self._forward_idle.wait()
+        await self._gate.enter(len(rows))
         pieces = [_Rows(rows[i : i + max_rows], enqueued) for i in range(0, len(rows), max_rows)]
         results = await asyncio.gather(*(queue(piece) for piece in pieces))
         for result in results:
@@ -193,16 +192,16 @@ class ClipEncoder:
         now = time.perf_counter()
         for item in items:
             metrics.observe_queue_wait(self._spec.name, modality, now - item.enqueued)
-        self._batches_running += 1
-        self._forward_idle.clear()
+        rows = _count_rows(items)
+        self._gate.pass_started()
         try:
             loop = asyncio.get_running_loop()
             results = await loop.run_in_executor(self._worker, self._forward_isolated, items, forward)
         finally:
-            self._batches_running -= 1
-            if not self._batches_running:
-                self._forward_idle.set()
-        metrics.observe_batch(self._spec.name, modality, _count_rows(items), time.perf_counter() - now)
+            seconds = time.perf_counter() - now
+            max_rows = self._batching.max_batch_size if modality == "image" else self._batching.text_max_batch_size
+            self._gate.pass_ended(rows, seconds, max_rows)
+        metrics.observe_batch(self._spec.name, modality, rows, seconds)
         return results
 
     def _forward_isolated(self, items: list[_Rows], forward) -> list[np.ndarray | ServeAppError]:

@@ -103,13 +103,15 @@ def test_batching_changes_at_run_time_without_a_restart(serve_url, tiny_model_di
     handle = driver_handle(name)
     before = handle.info.remote().result(timeout_s=30)
     args = app_args(tiny_model_dir, second_model_dir)
-    batching = {"max_batch_size": 3, "batch_wait_timeout_s": 0.001, "text_max_batch_size": 5}
+    batching = {"max_batch_size": 3, "batch_wait_timeout_s": 0.001, "text_max_batch_size": 5,
+                "refill_wait_fraction": 0.0}
     deploy_config(args, deployments=[{"name": name, "user_config": batching}])
     try:
         after = handle.info.remote().result(timeout_s=30)
         assert after["pid"] == before["pid"]  # reconfigured in place, not restarted
         assert after["batching"]["max_batch_size"] == 3 and after["batching"]["text_max_batch_size"] == 5
         assert before["batching"]["max_batch_size"] == 8
+        assert after["gate"]["refill_wait_fraction"] == 0.0 and before["gate"]["refill_wait_fraction"] == 0.5
         response = post(serve_url, {"model": TINY_NAME, "input": [f"text {i}" for i in range(12)]})
         assert response.status_code == 200 and len(response.json()["data"]) == 12
     finally:

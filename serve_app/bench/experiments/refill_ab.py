@@ -1,0 +1,143 @@
+"""EXPERIMENT: the encoder gate's refill wait on and off, alternated on fresh servers (BENCHMARKS.md).
+
+    python -m serve_app.bench.experiments.refill_ab                     # 3 rounds, one-process layout
+    python -m serve_app.bench.experiments.refill_ab --rounds 2 --layout pools
+
+ViT-B-32 (random weights, 2 torch threads) served as in production, once with `refill_wait_fraction: 0`
+(the gate opens when a pass ends) and once with the default, alternating, each on a freshly started server.
+Loads: short texts in a closed loop at concurrency 32 (the clients that wait for their answers, which the
+refill is for), short texts in an open loop at a fixed rate (independent requests, which it must not slow
+down), 640x480 JPEGs at concurrency 32, and both at concurrency 1 (latency). Besides throughput and latency it reads the encoder's own
+batch-size histogram from Ray's metrics endpoint, to show the batches the clients formed.
+"""
+
+import argparse
+import http.client
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+from serve_app.bench.loadgen import Level, LoadSettings, run_load
+from serve_app.bench.payloads import ImagePayload, TextPayload
+from serve_app.bench.servers import OurServer
+
+VARIANTS = {"refill off": 0.0, "refill 0.5": 0.5}
+
+
+def _listening_ports(pids: list[int]) -> list[int]:
+    """TCP ports these processes listen on (/proc/net/tcp* LISTEN entries whose socket they hold)."""
+    port_of_inode = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A":  # LISTEN
+                port_of_inode[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
+    ports = set()
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in port_of_inode:
+                ports.add(port_of_inode[target[8:-1]])
+    return sorted(ports)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _metrics_url(server: OurServer) -> str | None:
+    """Ray's metrics export endpoint of the server's node (the dashboard agent's Prometheus port)."""
+    agents = [pid for pid in server.session_pids() if b"DashboardAgent" in _cmdline(pid)]
+    for port in _listening_ports(agents):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+                if b"ray_" in response.read(4096):
+                    return f"http://127.0.0.1:{port}/metrics"
+        except (OSError, http.client.HTTPException):  # the agent's gRPC ports do not speak HTTP/1
+            continue
+    return None
+
+
+def _batch_sizes(metrics_url: str | None) -> dict[str, tuple[float, float]]:
+    """modality -> (passes, rows) so far, from the encoder's `clip_batch_size` histogram."""
+    if metrics_url is None:
+        return {}
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    totals: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "ray_clip_batch_size":
+            continue
+        for sample in family.samples:
+            entry = totals.setdefault(sample.labels.get("modality", "?"), [0.0, 0.0])
+            if sample.name.endswith("_count"):
+                entry[0] += sample.value
+            elif sample.name.endswith("_sum"):
+                entry[1] += sample.value
+    return {k: (v[0], v[1]) for k, v in totals.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--layout", default="one-process", choices=["one-process", "pools"])
+    parser.add_argument("--rate", type=float, default=50.0, help="open-loop texts per second")
+    parser.add_argument("--duration", type=float, default=12.0)
+    parser.add_argument("--workdir", default="/tmp/clip-bench-refill-ab")
+    args = parser.parse_args(argv)
+    texts = TextPayload(model="bench", distinct=128).prepare()
+    images = ImagePayload(model="bench", width=640, height=480, distinct=128).prepare()
+    loads = [
+        ("texts c=32", texts, Level(concurrency=32)),
+        (f"texts {args.rate:g}/s", texts, Level(rate=args.rate)),
+        ("texts c=1", texts, Level(concurrency=1)),
+        ("images c=32", images, Level(concurrency=32)),
+        ("images c=1", images, Level(concurrency=1)),
+    ]
+    settings = LoadSettings(duration_s=args.duration, warmup_s=3, progress=False)
+    for round_ in range(1, args.rounds + 1):
+        for variant, fraction in VARIANTS.items():
+            model = {"model": "ViT-B-32", "pretrained": "random", "served_model_name": "bench", "torch_threads": 2,
+                     "batching": {"refill_wait_fraction": fraction}}
+            app_args = {"layout": args.layout, "models": [model]}
+            server = OurServer(Path(args.workdir) / f"{round_}-{fraction}", app_args)
+            server.start()
+            try:
+                server.wait_ready(loads[0][1], 180)
+                metrics_url = _metrics_url(server)
+                for name, payload, level in loads:
+                    before = _batch_sizes(metrics_url)
+                    (result,) = run_load(server.base_url, payload, [level], settings)
+                    after = _batch_sizes(metrics_url)
+                    modality = payload.modality
+                    passes = after.get(modality, (0, 0))[0] - before.get(modality, (0, 0))[0]
+                    rows = after.get(modality, (0, 0))[1] - before.get(modality, (0, 0))[1]
+                    mean = f"{rows / passes:5.1f}" if passes else "    ?"
+                    lat = result.latency_ms
+                    print(f"round {round_} {variant:10s} {name:12s} {result.items_per_s:7.2f} items/s  "
+                          f"p50 {lat['p50']:7.1f} ms  p99 {lat['p99']:7.1f} ms  mean batch {mean}  "
+                          f"errors {result.error_count}", flush=True)
+            finally:
+                server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -93,7 +93,8 @@ class ClipEncoder:
         # One thread: forward passes of the two queues never compete for the same cores or device.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         # Calls wait here while a pass runs, and after it until its callers are back (serve_app/pass_gate.py).
-        self._gate = PassGate(self._batching.refill_wait_fraction, self._batching.refill_gap_s)
+        self._gate = PassGate(self._batching.refill_wait_fraction, self._batching.refill_gap_s,
+                              on_refill=lambda outcome, seconds: metrics.observe_refill(spec.name, outcome, seconds))
         self._last_success: float | None = None
         self._consecutive_failures = 0
         self._warm_up()

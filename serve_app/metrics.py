@@ -64,6 +64,13 @@ def _metrics() -> dict[str, Any]:
             boundaries=SECONDS_BUCKETS,
             tag_keys=("model", "modality"),
         ),
+        "refill_wait_seconds": m.Histogram(
+            PREFIX + "refill_wait_seconds",
+            description="How long an encoder waited after a pass for the callers it answered, by how it ended "
+            "(all_back, full, pause, deadline).",
+            boundaries=SECONDS_BUCKETS,
+            tag_keys=("model", "outcome"),
+        ),
         "batch_size": m.Histogram(
             PREFIX + "batch_size",
             description="Items per forward pass.",
@@ -105,6 +112,12 @@ def observe_batch(model: str, modality: str, size: int, seconds: float) -> None:
     tags = {"model": model, "modality": modality}
     _metrics()["encode_seconds"].observe(seconds, tags=tags)
     _metrics()["batch_size"].observe(size, tags=tags)
+
+
+def observe_refill(model: str, outcome: str, seconds: float) -> None:
+    if not _in_ray():
+        return
+    _metrics()["refill_wait_seconds"].observe(seconds, tags={"model": model, "outcome": outcome})
 
 
 def count_label_cache(model: str, hits: int, misses: int) -> None:

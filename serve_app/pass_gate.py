@@ -17,12 +17,18 @@ gate opens at once, and nothing waits longer than before.
 
 import asyncio
 import time
+from typing import Callable
+
+# How a refill wait ended: every caller back, a full batch waiting, a pause in arrivals, or the deadline.
+REFILL_OUTCOMES = ("all_back", "full", "pause", "deadline")
 
 
 class PassGate:
-    def __init__(self, refill_wait_fraction: float, refill_gap_s: float) -> None:
+    def __init__(self, refill_wait_fraction: float, refill_gap_s: float,
+                 on_refill: Callable[[str, float], None] | None = None) -> None:
         self.refill_wait_fraction = refill_wait_fraction
         self.refill_gap_s = refill_gap_s
+        self._on_refill = on_refill  # (outcome, seconds waited): the encoder's metric
         self._open = asyncio.Event()
         self._open.set()
         self._passes_running = 0  # image and text batches share one gate (and one forward thread)
@@ -65,10 +71,13 @@ class PassGate:
 
     async def _release_when_refilled(self, expected_rows: int, max_rows: int, deadline: float) -> None:
         ended = time.monotonic()
+        outcome = "all_back"
         while self._held_rows < min(expected_rows, max_rows):
-            wait_until = deadline
+            wait_until, outcome = deadline, "deadline"
             if self._last_arrival > ended:  # arrivals have begun: a pause means the rest are not coming soon
-                wait_until = min(wait_until, self._last_arrival + self.refill_gap_s)
+                pause_ends = self._last_arrival + self.refill_gap_s
+                if pause_ends < wait_until:
+                    wait_until, outcome = pause_ends, "pause"
             remaining = wait_until - time.monotonic()
             if remaining <= 0:
                 break
@@ -77,7 +86,11 @@ class PassGate:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
             except asyncio.TimeoutError:
                 pass
+        else:
+            outcome = "all_back" if self._held_rows >= expected_rows else "full"
         self._refill = None
+        if self._on_refill is not None:
+            self._on_refill(outcome, time.monotonic() - ended)
         if not self._passes_running:
             self._release()
 

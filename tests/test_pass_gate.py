@@ -6,9 +6,17 @@ timing luck; `asyncio.wait_for(..., 10)` only keeps a broken gate from hanging t
 
 import asyncio
 
-from serve_app.pass_gate import PassGate
+from serve_app.pass_gate import REFILL_OUTCOMES, PassGate
 
 HOURS = 3600.0
+
+
+class Outcomes(list):
+    """The gate's refill reports (the encoder turns them into `clip_refill_wait_seconds`)."""
+
+    def __call__(self, outcome: str, seconds: float) -> None:
+        assert outcome in REFILL_OUTCOMES and seconds >= 0
+        self.append(outcome)
 
 
 async def _held(gate: PassGate, rows: int = 1) -> asyncio.Task:
@@ -33,8 +41,10 @@ def test_an_idle_gate_lets_calls_through_and_a_running_pass_holds_them():
 
 
 def test_after_a_pass_the_gate_waits_for_the_callers_it_answered():
+    outcomes = Outcomes()
+
     async def scenario():
-        gate = PassGate(refill_wait_fraction=1.0, refill_gap_s=HOURS)
+        gate = PassGate(refill_wait_fraction=1.0, refill_gap_s=HOURS, on_refill=outcomes)
         gate.pass_started()
         straggler = await _held(gate)
         gate.pass_ended(rows=8, seconds=HOURS, max_rows=32)  # 8 answered, 1 waiting: expect 9 rows
@@ -45,11 +55,14 @@ def test_after_a_pass_the_gate_waits_for_the_callers_it_answered():
         assert gate.is_open
 
     asyncio.run(scenario())
+    assert outcomes == ["all_back"]
 
 
 def test_a_full_batch_waiting_opens_the_gate_at_once():
+    outcomes = Outcomes()
+
     async def scenario():
-        gate = PassGate(refill_wait_fraction=1.0, refill_gap_s=HOURS)
+        gate = PassGate(refill_wait_fraction=1.0, refill_gap_s=HOURS, on_refill=outcomes)
         gate.pass_started()
         first = await _held(gate)
         gate.pass_ended(rows=40, seconds=HOURS, max_rows=4)
@@ -57,11 +70,14 @@ def test_a_full_batch_waiting_opens_the_gate_at_once():
         await asyncio.wait_for(asyncio.gather(first, *rest), 10)
 
     asyncio.run(scenario())
+    assert outcomes == ["full"]
 
 
 def test_a_pause_in_arrivals_ends_the_wait():
+    outcomes = Outcomes()
+
     async def scenario():
-        gate = PassGate(refill_wait_fraction=1.0, refill_gap_s=0.05)
+        gate = PassGate(refill_wait_fraction=1.0, refill_gap_s=0.05, on_refill=outcomes)
         gate.pass_started()
         gate.pass_ended(rows=16, seconds=HOURS, max_rows=32)
         assert not gate.is_open  # nobody waiting yet, and no arrival yet: the pause has not begun
@@ -69,17 +85,21 @@ def test_a_pause_in_arrivals_ends_the_wait():
         await asyncio.wait_for(only, 10)  # 1 of 16 came back, then nothing: released after the gap
 
     asyncio.run(scenario())
+    assert outcomes == ["pause"]
 
 
 def test_the_wait_is_bounded_by_a_fraction_of_the_pass():
+    outcomes = Outcomes()
+
     async def scenario():
-        gate = PassGate(refill_wait_fraction=0.5, refill_gap_s=HOURS)
+        gate = PassGate(refill_wait_fraction=0.5, refill_gap_s=HOURS, on_refill=outcomes)
         gate.pass_started()
         straggler = await _held(gate)
         gate.pass_ended(rows=16, seconds=0.1, max_rows=32)  # at most 50 ms; nobody else comes
         await asyncio.wait_for(straggler, 10)
 
     asyncio.run(scenario())
+    assert outcomes == ["deadline"]
 
 
 def test_refill_off_opens_when_the_pass_ends():

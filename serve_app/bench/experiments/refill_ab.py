@@ -1,7 +1,9 @@
-"""EXPERIMENT: the encoder gate's refill wait on and off, alternated on fresh servers (BENCHMARKS.md).
+"""EXPERIMENT: the encoder gate's refill wait on and off (or any batching settings), alternated on fresh servers.
 
     python -m serve_app.bench.experiments.refill_ab                     # 3 rounds, one-process layout
     python -m serve_app.bench.experiments.refill_ab --rounds 2 --layout pools
+    python -m serve_app.bench.experiments.refill_ab --variant 'wait 2 ms={}' \
+        --variant 'wait 0={"batch_wait_timeout_s": 0, "text_batch_wait_timeout_s": 0}'   # any batching A/B
 
 ViT-B-32 (random weights, 2 torch threads) served as in production, once with `refill_wait_fraction: 0`
 (the gate opens when a pass ends) and once with the default, alternating, each on a freshly started server.
@@ -13,6 +15,7 @@ batch-size histogram from Ray's metrics endpoint, to show the batches the client
 
 import argparse
 import http.client
+import json
 import os
 import sys
 import urllib.request
@@ -22,7 +25,7 @@ from serve_app.bench.loadgen import Level, LoadSettings, run_load
 from serve_app.bench.payloads import ImagePayload, TextPayload
 from serve_app.bench.servers import OurServer
 
-VARIANTS = {"refill off": 0.0, "refill 0.5": 0.5}
+VARIANTS = {"refill off": {"refill_wait_fraction": 0.0}, "refill 0.5": {"refill_wait_fraction": 0.5}}
 
 
 def _listening_ports(pids: list[int]) -> list[int]:
@@ -101,7 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=50.0, help="open-loop texts per second")
     parser.add_argument("--duration", type=float, default=12.0)
     parser.add_argument("--workdir", default="/tmp/clip-bench-refill-ab")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME=JSON batching settings, repeated (default: refill off against 0.5)")
     args = parser.parse_args(argv)
+    variants = dict(VARIANTS)
+    if args.variant:
+        variants = {}
+        for spec in args.variant:
+            name, _, settings_json = spec.partition("=")
+            variants[name] = json.loads(settings_json)
     texts = TextPayload(model="bench", distinct=128).prepare()
     images = ImagePayload(model="bench", width=640, height=480, distinct=128).prepare()
     loads = [
@@ -113,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     settings = LoadSettings(duration_s=args.duration, warmup_s=3, progress=False)
     for round_ in range(1, args.rounds + 1):
-        for variant, fraction in VARIANTS.items():
+        for index, (variant, batching) in enumerate(variants.items()):
             model = {"model": "ViT-B-32", "pretrained": "random", "served_model_name": "bench", "torch_threads": 2,
-                     "batching": {"refill_wait_fraction": fraction}}
+                     "batching": batching}
             app_args = {"layout": args.layout, "models": [model]}
-            server = OurServer(Path(args.workdir) / f"{round_}-{fraction}", app_args)
+            server = OurServer(Path(args.workdir) / f"{round_}-{index}", app_args)
             server.start()
             try:
                 server.wait_ready(loads[0][1], 180)

@@ -24,6 +24,9 @@ REFILL_OUTCOMES = ("all_back", "full", "pause", "deadline")
 
 
 class PassGate:
+    """One per encoder replica, on its event loop: `enter` before queueing, `pass_started`/`pass_ended` around
+    each forward pass."""
+
     def __init__(self, refill_wait_fraction: float, refill_gap_s: float,
                  on_refill: Callable[[str, float], None] | None = None) -> None:
         self.refill_wait_fraction = refill_wait_fraction
@@ -66,11 +69,12 @@ class PassGate:
         if self.refill_wait_fraction <= 0 or held * 2 >= rows or held >= max_rows:
             self._release()
             return
-        deadline = time.monotonic() + self.refill_wait_fraction * seconds
-        self._refill = asyncio.ensure_future(self._release_when_refilled(rows + held, max_rows, deadline))
-
-    async def _release_when_refilled(self, expected_rows: int, max_rows: int, deadline: float) -> None:
         ended = time.monotonic()
+        self._refill = asyncio.ensure_future(
+            self._release_when_refilled(rows + held, max_rows, ended, ended + self.refill_wait_fraction * seconds)
+        )
+
+    async def _release_when_refilled(self, expected_rows: int, max_rows: int, ended: float, deadline: float) -> None:
         outcome = "all_back"
         while self._held_rows < min(expected_rows, max_rows):
             wait_until, outcome = deadline, "deadline"

@@ -183,13 +183,15 @@ class ClipEncoder:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_count_rows)
     async def _image_batch(self, items: list[_Rows]) -> list[np.ndarray | ServeAppError]:
-        return await self._run_batch("image", items, self._core.encode_images)
+        return await self._run_batch("image", items, self._core.encode_images, self._batching.max_batch_size)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_count_rows)
     async def _text_batch(self, items: list[_Rows]) -> list[np.ndarray | ServeAppError]:
-        return await self._run_batch("text", items, self._core.encode_texts)
+        return await self._run_batch("text", items, self._core.encode_texts, self._batching.text_max_batch_size)
 
-    async def _run_batch(self, modality: str, items: list[_Rows], forward) -> list[np.ndarray | ServeAppError]:
+    async def _run_batch(
+        self, modality: str, items: list[_Rows], forward, max_rows: int
+    ) -> list[np.ndarray | ServeAppError]:
         now = time.perf_counter()
         for item in items:
             metrics.observe_queue_wait(self._spec.name, modality, now - item.enqueued)
@@ -200,7 +202,6 @@ class ClipEncoder:
             results = await loop.run_in_executor(self._worker, self._forward_isolated, items, forward)
         finally:
             seconds = time.perf_counter() - now
-            max_rows = self._batching.max_batch_size if modality == "image" else self._batching.text_max_batch_size
             self._gate.pass_ended(rows, seconds, max_rows)
         metrics.observe_batch(self._spec.name, modality, rows, seconds)
         return results

@@ -4,6 +4,8 @@
     python -m serve_app.bench.experiments.refill_ab --rounds 2 --layout pools
     python -m serve_app.bench.experiments.refill_ab --variant 'wait 2 ms={}' \
         --variant 'wait 0={"batch_wait_timeout_s": 0, "text_batch_wait_timeout_s": 0}'   # any batching A/B
+    python -m serve_app.bench.experiments.refill_ab --same-server --rounds 6 --loads 'texts c=1,images c=1' \
+        --variant ...                        # variants alternated on one server, switched through user_config
 
 ViT-B-32 (random weights, 2 torch threads) served as in production, once with `refill_wait_fraction: 0`
 (the gate opens when a pass ends) and once with the default, alternating, each on a freshly started server.
@@ -11,6 +13,10 @@ Loads: short texts in a closed loop at concurrency 32 (the clients that wait for
 refill is for), short texts in an open loop at a fixed rate (independent requests, which it must not slow
 down), 640x480 JPEGs at concurrency 32, and both at concurrency 1 (latency). Besides throughput and latency it reads the encoder's own
 batch-size histogram from Ray's metrics endpoint, to show the batches the clients formed.
+
+Fresh servers with equal settings differ by more than some effects (open-loop p50 133-277 ms); `--same-server`
+starts one server and switches the variants on it the way an operator would change `user_config` (the
+replica's `reconfigure`, no restart), so that the variants differ in their batching only.
 """
 
 import argparse
@@ -18,6 +24,7 @@ import http.client
 import json
 import os
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -97,6 +104,56 @@ def _batch_sizes(metrics_url: str | None) -> dict[str, tuple[float, float]]:
     return {k: (v[0], v[1]) for k, v in totals.items()}
 
 
+def _gcs_address(server: OurServer) -> str:
+    """host:port of the server's own Ray (from its raylet's `--gcs-address`)."""
+    for pid in server.session_pids():
+        for arg in _cmdline(pid).split(b"\0"):
+            if arg.startswith(b"--gcs-address="):
+                return arg.split(b"=", 1)[1].decode()
+    raise RuntimeError("no Ray process with --gcs-address in the server's session")
+
+
+def _reconfigure(server: OurServer, layout: str, batching: dict) -> None:
+    """Sends `batching` to the running replica as its whole `user_config` (unset fields: the defaults), from a
+    driver that disconnects at once so that it adds no process to what is measured."""
+    # `serve run` starts its local Ray with token auth (Ray 2.60's default for a new local cluster, token in
+    # ~/.ray/auth_token); a driver that attaches to it by address has to ask for it, before Ray is imported.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray
+    from ray import serve
+
+    from serve_app.config import BatchSettings
+
+    deployment = "OpenAIIngress" if layout == "one-process" else "ClipEncoder-bench"
+    ray.init(address=_gcs_address(server), namespace="serve", log_to_driver=False, logging_level="ERROR")
+    try:
+        handle = serve.get_deployment_handle(deployment, app_name="clip")
+        handle.reconfigure.remote(BatchSettings.model_validate(batching).model_dump()).result(timeout_s=60)
+        if layout == "one-process":
+            (info,) = handle.in_process_info.remote().result(timeout_s=60).values()
+        else:
+            info = handle.info.remote().result(timeout_s=60)
+        print(f"reconfigured: {info['batching']}", flush=True)
+    finally:
+        ray.shutdown()
+
+
+def _measure(server: OurServer, variant: str, round_: int, loads: list, settings: LoadSettings) -> None:
+    metrics_url = _metrics_url(server)
+    for name, payload, level in loads:
+        before = _batch_sizes(metrics_url)
+        (result,) = run_load(server.base_url, payload, [level], settings)
+        after = _batch_sizes(metrics_url)
+        modality = payload.modality
+        passes = after.get(modality, (0, 0))[0] - before.get(modality, (0, 0))[0]
+        rows = after.get(modality, (0, 0))[1] - before.get(modality, (0, 0))[1]
+        mean = f"{rows / passes:5.1f}" if passes else "    ?"
+        lat = result.latency_ms
+        print(f"round {round_} {variant:10s} {name:12s} {result.items_per_s:7.2f} items/s  "
+              f"p50 {lat['p50']:7.1f} ms  p99 {lat['p99']:7.1f} ms  mean batch {mean}  "
+              f"errors {result.error_count}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -106,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="/tmp/clip-bench-refill-ab")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=JSON batching settings, repeated (default: refill off against 0.5)")
+    parser.add_argument("--same-server", action="store_true",
+                        help="one server for all variants, switched through the replica's reconfigure")
+    parser.add_argument("--loads", default=None, help="comma-separated subset of the load names, in that order")
     args = parser.parse_args(argv)
     variants = dict(VARIANTS)
     if args.variant:
@@ -122,31 +182,35 @@ def main(argv: list[str] | None = None) -> int:
         ("images c=32", images, Level(concurrency=32)),
         ("images c=1", images, Level(concurrency=1)),
     ]
+    if args.loads:
+        by_name = {load[0]: load for load in loads}
+        loads = [by_name[name.strip()] for name in args.loads.split(",")]
     settings = LoadSettings(duration_s=args.duration, warmup_s=3, progress=False)
-    for round_ in range(1, args.rounds + 1):
-        for index, (variant, batching) in enumerate(variants.items()):
-            model = {"model": "ViT-B-32", "pretrained": "random", "served_model_name": "bench", "torch_threads": 2,
-                     "batching": batching}
-            app_args = {"layout": args.layout, "models": [model]}
-            server = OurServer(Path(args.workdir) / f"{round_}-{index}", app_args)
-            server.start()
-            try:
-                server.wait_ready(loads[0][1], 180)
-                metrics_url = _metrics_url(server)
-                for name, payload, level in loads:
-                    before = _batch_sizes(metrics_url)
-                    (result,) = run_load(server.base_url, payload, [level], settings)
-                    after = _batch_sizes(metrics_url)
-                    modality = payload.modality
-                    passes = after.get(modality, (0, 0))[0] - before.get(modality, (0, 0))[0]
-                    rows = after.get(modality, (0, 0))[1] - before.get(modality, (0, 0))[1]
-                    mean = f"{rows / passes:5.1f}" if passes else "    ?"
-                    lat = result.latency_ms
-                    print(f"round {round_} {variant:10s} {name:12s} {result.items_per_s:7.2f} items/s  "
-                          f"p50 {lat['p50']:7.1f} ms  p99 {lat['p99']:7.1f} ms  mean batch {mean}  "
-                          f"errors {result.error_count}", flush=True)
-            finally:
-                server.stop()
+    shared: OurServer | None = None
+    try:
+        for round_ in range(1, args.rounds + 1):
+            for index, (variant, batching) in enumerate(variants.items()):
+                if args.same_server and shared is not None:
+                    _reconfigure(shared, args.layout, batching)
+                    time.sleep(2)
+                    server = shared
+                else:
+                    model = {"model": "ViT-B-32", "pretrained": "random", "served_model_name": "bench",
+                             "torch_threads": 2, "batching": batching}
+                    app_args = {"layout": args.layout, "models": [model]}
+                    server = OurServer(Path(args.workdir) / f"{round_}-{index}", app_args)
+                    if args.same_server:
+                        shared = server
+                    server.start()
+                try:
+                    server.wait_ready(loads[0][1], 180)
+                    _measure(server, variant, round_, loads, settings)
+                finally:
+                    if server is not shared:
+                        server.stop()
+    finally:
+        if shared is not None:
+            shared.stop()
     return 0
 
 

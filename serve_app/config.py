@@ -67,11 +67,12 @@ class BatchSettings(StrictModel):
     """Dynamic batching of one encoder; changeable at run time through `user_config`."""
 
     max_batch_size: int = Field(default=32, ge=1, le=4096)
-    # Short: while a forward pass runs, the encoder holds new calls back and lets them in together, so
-    # batches fill under load without a long wait; an idle encoder should start almost at once.
-    batch_wait_timeout_s: float = Field(default=0.002, ge=0.0, le=10.0)
+    # None by default: while a forward pass runs the encoder holds new calls back and lets them in together,
+    # so batches fill under load without a wait, and an idle encoder starts at once (a wait only adds
+    # latency then: BENCHMARKS.md, "Batch wait 0 against 2 ms, on one server").
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=10.0)
     text_max_batch_size: int = Field(default=64, ge=1, le=4096)
-    text_batch_wait_timeout_s: float = Field(default=0.002, ge=0.0, le=10.0)
+    text_batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=10.0)
     # After a pass, wait for the callers it answered to come back (closed-loop clients) for at most this
     # fraction of the pass's duration, and no longer once arrivals pause for `refill_gap_s`; 0 turns it off.
     # Only when the pass answered at least twice the rows that arrived during it (serve_app/pass_gate.py).
@@ -226,7 +227,7 @@ class AppArgs(StrictModel):
                     f"layout one-process runs everything in one deployment with the model's `encoder` pool "
                     f"settings; remove {' and '.join(unused)}"
                 )
-            if len(specs) != 1:
+            if len(specs) != 1:  # also: Ray's @serve.batch queues are per class and process, not per encoder
                 raise ValueError("layout one-process serves one model; use layout pools for several")
             if specs[0].device == "cuda" or specs[0].encoder_gpus:
                 raise ValueError("layout one-process is for CPU-only machines; use layout pools with a GPU")

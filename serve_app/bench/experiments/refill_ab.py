@@ -6,6 +6,8 @@
         --variant 'wait 0={"batch_wait_timeout_s": 0, "text_batch_wait_timeout_s": 0}'   # any batching A/B
     python -m serve_app.bench.experiments.refill_ab --same-server --rounds 6 --loads 'texts c=1,images c=1' \
         --variant ...                        # variants alternated on one server, switched through user_config
+    python -m serve_app.bench.experiments.refill_ab --spec-variant 'default={}' \
+        --spec-variant 'spin={"encoder": {"env_vars": {"GOMP_SPINCOUNT": "10000000"}}}'   # model settings
 
 ViT-B-32 (random weights, 2 torch threads) served as in production, once with `refill_wait_fraction: 0`
 (the gate opens when a pass ends) and once with the default, alternating, each on a freshly started server.
@@ -163,16 +165,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="/tmp/clip-bench-refill-ab")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=JSON batching settings, repeated (default: refill off against 0.5)")
+    parser.add_argument("--spec-variant", action="append", default=[],
+                        help="NAME=JSON model settings (e.g. the encoder pool's env_vars), repeated; fresh servers")
     parser.add_argument("--same-server", action="store_true",
                         help="one server for all variants, switched through the replica's reconfigure")
     parser.add_argument("--loads", default=None, help="comma-separated subset of the load names, in that order")
     args = parser.parse_args(argv)
-    variants = dict(VARIANTS)
+    if args.spec_variant and (args.variant or args.same_server):
+        parser.error("--spec-variant changes what a replica starts with: not with --variant or --same-server")
+    variants = {name: (batching, {}) for name, batching in VARIANTS.items()}
     if args.variant:
         variants = {}
         for spec in args.variant:
             name, _, settings_json = spec.partition("=")
-            variants[name] = json.loads(settings_json)
+            variants[name] = (json.loads(settings_json), {})
+    if args.spec_variant:
+        variants = {}
+        for spec in args.spec_variant:
+            name, _, settings_json = spec.partition("=")
+            variants[name] = ({}, json.loads(settings_json))
     texts = TextPayload(model="bench", distinct=128).prepare()
     images = ImagePayload(model="bench", width=640, height=480, distinct=128).prepare()
     loads = [
@@ -189,14 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     shared: OurServer | None = None
     try:
         for round_ in range(1, args.rounds + 1):
-            for index, (variant, batching) in enumerate(variants.items()):
+            for index, (variant, (batching, model_settings)) in enumerate(variants.items()):
                 if args.same_server and shared is not None:
                     _reconfigure(shared, args.layout, batching)
                     time.sleep(2)
                     server = shared
                 else:
                     model = {"model": "ViT-B-32", "pretrained": "random", "served_model_name": "bench",
-                             "torch_threads": 2, "batching": batching}
+                             "torch_threads": 2, "batching": batching, **model_settings}
                     app_args = {"layout": args.layout, "models": [model]}
                     server = OurServer(Path(args.workdir) / f"{round_}-{index}", app_args)
                     if args.same_server:

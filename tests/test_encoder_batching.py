@@ -15,10 +15,19 @@ from serve_app.encoder import ClipEncoder
 
 
 @pytest.fixture(autouse=True)
-def _replica_context(monkeypatch):
-    """`@serve.batch` reads the replica's `max_ongoing_requests` (for a warning only) when its queue starts."""
+def _outside_a_replica(monkeypatch):
+    """`@serve.batch` reads the replica's `max_ongoing_requests` (for a warning only) when its queue starts.
+
+    Ray keeps that queue in the decorated method, one per process: the ones this test starts are dropped
+    after it, or ClipEncoder (and the subclasses other tests ship to Serve by value) would no longer pickle.
+    """
     context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=256))
     monkeypatch.setattr(batching.serve, "get_replica_context", lambda: context)
+    queues = [method.set_max_batch_size.__self__ for method in (ClipEncoder.func_or_class._image_batch,
+                                                                 ClipEncoder.func_or_class._text_batch)]
+    yield
+    for queue in queues:
+        queue._queue = None
 
 
 def _encoder(tiny_model_dir):

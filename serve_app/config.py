@@ -67,7 +67,7 @@ class BatchSettings(StrictModel):
     """Dynamic batching of one encoder; changeable at run time through `user_config`."""
 
     max_batch_size: int = Field(default=32, ge=1, le=4096)
-    # None by default: while a forward pass runs the encoder holds new calls back and lets them in together,
+    # No wait by default: while a forward pass runs the encoder holds new calls back and lets them in together,
     # so batches fill under load without a wait, and an idle encoder starts at once (a wait only adds
     # latency then: BENCHMARKS.md, "Batch wait 0 against 2 ms, on one server").
     batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=10.0)

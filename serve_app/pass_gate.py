@@ -75,7 +75,6 @@ class PassGate:
         )
 
     async def _release_when_refilled(self, expected_rows: int, max_rows: int, ended: float, deadline: float) -> None:
-        outcome = "all_back"
         while self._held_rows < min(expected_rows, max_rows):
             wait_until, outcome = deadline, "deadline"
             if self._last_arrival > ended:  # arrivals have begun: a pause means the rest are not coming soon

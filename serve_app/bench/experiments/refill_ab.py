@@ -146,14 +146,23 @@ def _measure(server: OurServer, variant: str, round_: int, loads: list, settings
         before = _batch_sizes(metrics_url)
         (result,) = run_load(server.base_url, payload, [level], settings)
         after = _batch_sizes(metrics_url)
-        modality = payload.modality
-        passes = after.get(modality, (0, 0))[0] - before.get(modality, (0, 0))[0]
-        rows = after.get(modality, (0, 0))[1] - before.get(modality, (0, 0))[1]
+        (passes_before, rows_before) = before.get(payload.modality, (0, 0))
+        (passes_after, rows_after) = after.get(payload.modality, (0, 0))
+        passes, rows = passes_after - passes_before, rows_after - rows_before
         mean = f"{rows / passes:5.1f}" if passes else "    ?"
         lat = result.latency_ms
         print(f"round {round_} {variant:10s} {name:12s} {result.items_per_s:7.2f} items/s  "
               f"p50 {lat['p50']:7.1f} ms  p99 {lat['p99']:7.1f} ms  mean batch {mean}  "
               f"errors {result.error_count}", flush=True)
+
+
+def _named_json(specs: list[str]) -> dict[str, dict]:
+    """`NAME=JSON` arguments -> {NAME: parsed JSON}, in the order given."""
+    named = {}
+    for spec in specs:
+        name, _, settings_json = spec.partition("=")
+        named[name] = json.loads(settings_json)
+    return named
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,17 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.spec_variant and (args.variant or args.same_server):
         parser.error("--spec-variant changes what a replica starts with: not with --variant or --same-server")
+    # name -> (batching settings, other model settings)
     variants = {name: (batching, {}) for name, batching in VARIANTS.items()}
     if args.variant:
-        variants = {}
-        for spec in args.variant:
-            name, _, settings_json = spec.partition("=")
-            variants[name] = (json.loads(settings_json), {})
+        variants = {name: (batching, {}) for name, batching in _named_json(args.variant).items()}
     if args.spec_variant:
-        variants = {}
-        for spec in args.spec_variant:
-            name, _, settings_json = spec.partition("=")
-            variants[name] = ({}, json.loads(settings_json))
+        variants = {name: ({}, settings) for name, settings in _named_json(args.spec_variant).items()}
     texts = TextPayload(model="bench", distinct=128).prepare()
     images = ImagePayload(model="bench", width=640, height=480, distinct=128).prepare()
     loads = [

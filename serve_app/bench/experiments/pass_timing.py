@@ -4,6 +4,7 @@
     python -m serve_app.bench.experiments.pass_timing --gaps     # idle gaps between passes, as the hops leave
     python -m serve_app.bench.experiments.pass_timing --replica  # inside an idle Serve replica (production env)
     python -m serve_app.bench.experiments.pass_timing --cluster  # beside the idle service: running vs frozen
+    python -m serve_app.bench.experiments.pass_timing --threads  # beside the idle service: 1 vs 2 torch threads
 
 The same `EncoderCore.encode_images` (ViT-B-32, random weights, 2 threads) the served encoder runs, p50 of
 40 passes after 5 warm-up passes.
@@ -130,7 +131,57 @@ def cluster(rounds: int = 4) -> None:
                     os.kill(pid, signal.SIGCONT)
 
 
+def _text_p50_ms(core, passes: int = 40) -> float:
+    """p50 of `passes` batch-1 passes of a short caption (the load generator's kind of text)."""
+    import open_clip
+
+    tokens = open_clip.get_tokenizer("ViT-B-32")(["a photo of a small brown dog on a sofa"])
+    for _ in range(5):
+        core.encode_texts(tokens)
+    times = []
+    for _ in range(passes):
+        started = time.perf_counter()
+        core.encode_texts(tokens)
+        times.append((time.perf_counter() - started) * 1000)
+    return round(statistics.median(times), 1)
+
+
+def threads(rounds: int = 4) -> None:
+    """Batch-1 passes on one torch thread against two, in this process beside the whole idle service and
+    alone (the service stopped): does a single thread escape the wait at OpenMP barriers that the
+    service's wake-ups cause (see --cluster)?"""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from serve_app.bench.payloads import make_payload
+    from serve_app.bench.servers import OurServer
+
+    core = _core()
+
+    def one_round(label: str) -> None:
+        for kind, measure in (("text", _text_p50_ms), ("image", _p50_ms)):
+            for n in (2, 1):
+                torch.set_num_threads(n)
+                print(f"{label:<15} {kind:<5} {n} thread(s): p50 {measure(core)} ms", flush=True)
+        torch.set_num_threads(2)
+
+    args = {"model": "ViT-B-32", "pretrained": "random", "served_model_name": "bench", "torch_threads": 2,
+            "layout": "one-process"}
+    with OurServer(Path(tempfile.mkdtemp(prefix="pass-timing-")), args) as server:
+        server.wait_ready(make_payload("text", model="bench"), 300)
+        time.sleep(5)  # start-up work settles
+        for _ in range(rounds):
+            one_round("service idle")
+    for _ in range(rounds):
+        one_round("service stopped")
+
+
 def main(argv: list[str]) -> int:
+    if "--threads" in argv:
+        threads()
+        return 0
     if "--cluster" in argv:
         cluster()
         return 0

@@ -8,6 +8,8 @@
         --variant ...                        # variants alternated on one server, switched through user_config
     python -m serve_app.bench.experiments.refill_ab --spec-variant 'default={}' \
         --spec-variant 'spin={"encoder": {"env_vars": {"GOMP_SPINCOUNT": "10000000"}}}'   # model settings
+    python -m serve_app.bench.experiments.refill_ab --ray-env-variant 'default={}' \
+        --ray-env-variant 'slow={"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}'   # Ray's own environment
 
 ViT-B-32 (random weights, 2 torch threads) served as in production, once with `refill_wait_fraction: 0`
 (the gate opens when a pass ends) and once with the default, alternating, each on a freshly started server.
@@ -176,18 +178,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="NAME=JSON batching settings, repeated (default: refill off against 0.5)")
     parser.add_argument("--spec-variant", action="append", default=[],
                         help="NAME=JSON model settings (e.g. the encoder pool's env_vars), repeated; fresh servers")
+    parser.add_argument("--ray-env-variant", action="append", default=[],
+                        help="NAME=JSON environment of the server's Ray processes, repeated; fresh servers")
     parser.add_argument("--same-server", action="store_true",
                         help="one server for all variants, switched through the replica's reconfigure")
     parser.add_argument("--loads", default=None, help="comma-separated subset of the load names, in that order")
     args = parser.parse_args(argv)
-    if args.spec_variant and (args.variant or args.same_server):
-        parser.error("--spec-variant changes what a replica starts with: not with --variant or --same-server")
-    # name -> (batching settings, other model settings)
-    variants = {name: (batching, {}) for name, batching in VARIANTS.items()}
+    fresh_only = [flag for flag in ("spec_variant", "ray_env_variant") if getattr(args, flag)]
+    if len(fresh_only) > 1 or (fresh_only and (args.variant or args.same_server)):
+        parser.error("--spec-variant and --ray-env-variant change what a server starts with: one of them, "
+                     "and not with --variant or --same-server")
+    # name -> (batching settings, other model settings, Ray's environment)
+    variants = {name: (batching, {}, {}) for name, batching in VARIANTS.items()}
     if args.variant:
-        variants = {name: (batching, {}) for name, batching in _named_json(args.variant).items()}
+        variants = {name: (batching, {}, {}) for name, batching in _named_json(args.variant).items()}
     if args.spec_variant:
-        variants = {name: ({}, settings) for name, settings in _named_json(args.spec_variant).items()}
+        variants = {name: ({}, settings, {}) for name, settings in _named_json(args.spec_variant).items()}
+    if args.ray_env_variant:
+        variants = {name: ({}, {}, env) for name, env in _named_json(args.ray_env_variant).items()}
     texts = TextPayload(model="bench", distinct=128).prepare()
     images = ImagePayload(model="bench", width=640, height=480, distinct=128).prepare()
     loads = [
@@ -204,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     shared: OurServer | None = None
     try:
         for round_ in range(1, args.rounds + 1):
-            for index, (variant, (batching, model_settings)) in enumerate(variants.items()):
+            for index, (variant, (batching, model_settings, ray_env)) in enumerate(variants.items()):
                 if args.same_server and shared is not None:
                     _reconfigure(shared, args.layout, batching)
                     time.sleep(2)
@@ -213,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                     model = {"model": "ViT-B-32", "pretrained": "random", "served_model_name": "bench",
                              "torch_threads": 2, "batching": batching, **model_settings}
                     app_args = {"layout": args.layout, "models": [model]}
-                    server = OurServer(Path(args.workdir) / f"{round_}-{index}", app_args)
+                    server = OurServer(Path(args.workdir) / f"{round_}-{index}", app_args, env=ray_env)
                     if args.same_server:
                         shared = server
                     server.start()

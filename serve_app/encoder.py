@@ -88,16 +88,20 @@ class EncoderCore:
 class ClipEncoder:
     def __init__(self, spec: ModelSpec) -> None:
         self._spec = spec
-        self._core = EncoderCore(spec)
         self._batching = spec.batching
         # One thread: forward passes of the two queues never compete for the same cores or device.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        # Loading and warm-up run there too, so that all of the model's CPU work has one OpenMP team: libgomp
+        # gives each thread that starts a parallel region a team of its own, and once a process holds more
+        # OpenMP threads than cores, every team sleeps at its barriers instead of spinning (BENCHMARKS.md,
+        # "One OpenMP team per process": ~50 futex sleeps per text pass, 15-35 % slower on 2 cores).
+        self._core = self._worker.submit(EncoderCore, spec).result()
         # Calls wait here while a pass runs, and after it until its callers are back (serve_app/pass_gate.py).
         self._gate = PassGate(self._batching.refill_wait_fraction, self._batching.refill_gap_s,
                               on_refill=lambda outcome, seconds: metrics.observe_refill(spec.name, outcome, seconds))
         self._last_success: float | None = None
         self._consecutive_failures = 0
-        self._warm_up()
+        self._worker.submit(self._warm_up).result()
         logger.info(
             "ClipEncoder %s ready on %s/%s in %.1fs", spec.name, self._core.device, self._core.precision,
             self._core.load_seconds,

@@ -20,6 +20,7 @@ from serve_app.config import ImageLimits, ModelSpec
 from serve_app.errors import InvalidRequest, ModelNotFound
 from serve_app.imaging import decode_image
 from serve_app.modeling import ImagePipeline, get_tokenizer, image_pipeline, load_model_config
+from serve_app.openmp import keep_torch_serial_on_this_thread
 
 logger = logging.getLogger("ray.serve")
 
@@ -39,15 +40,16 @@ class ModelPreprocessing:
         self.tokenizer = get_tokenizer(spec.model)
         self.limits = limits
 
-    def image_to_pixels(self, image: Image.Image) -> torch.Tensor:
+    def image_to_pixels(self, image: Image.Image) -> np.ndarray:
         """(3, H, W) uint8: open_clip's resize/crop and RGB conversion, before ToTensor/Normalize."""
         rgb = self.pipeline.to_pixels(image)
-        return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
 
     def images(self, data: list[str], params: list[str]) -> torch.Tensor:
-        """(N, 3, H, W) uint8 pixels; raises naming the first bad image."""
+        """(N, 3, H, W) uint8 pixels; raises naming the first bad image. Stacked by numpy, not torch: a
+        torch copy this size would start an OpenMP team in the decoding thread (see ClipEncoder.__init__)."""
         pixels = [self.image_to_pixels(decode_image(d, p, self.limits)) for d, p in zip(data, params)]
-        return torch.stack(pixels)
+        return torch.from_numpy(np.stack(pixels))
 
     def texts(self, texts: list[str]) -> TokenBatch:
         tokens = self.tokenizer(texts)
@@ -61,8 +63,10 @@ class Preprocessor:
         Image.MAX_IMAGE_PIXELS = limits.max_image_pixels  # Pillow's own guard agrees with ours
         torch.set_num_threads(1)
         self._models = {spec.name: ModelPreprocessing(spec, limits) for spec in models}
-        # Decoding releases the GIL in Pillow; a small pool keeps the event loop free for new requests.
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
+        # Decoding releases the GIL in Pillow; a small pool keeps the event loop free for new requests. Its
+        # threads, and the event loop's (tokenizing), never start OpenMP teams of their own (serve_app/openmp.py).
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode",
+                                        initializer=keep_torch_serial_on_this_thread)
 
     def _model(self, name: str) -> ModelPreprocessing:
         try:
@@ -81,6 +85,7 @@ class Preprocessor:
         return pixels
 
     async def texts(self, model: str, texts: list[str]) -> TokenBatch:
+        keep_torch_serial_on_this_thread()  # a long list's token tensor is big enough for a parallel fill
         preprocessing = self._model(model)
         start = time.perf_counter()
         batch = preprocessing.texts(texts)  # microseconds per text: not worth a thread hop

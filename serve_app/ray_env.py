@@ -6,6 +6,7 @@ launchers in this repository; the Makefile reads the same file.
 """
 
 import os
+import random
 import socket
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -35,16 +36,30 @@ def serve_env(path: Path = ENV_FILE) -> dict[str, str]:
     return env
 
 
+# Below Linux's ephemeral range (32768-60999 by default) and above Ray's worker ports (10002-19999): a port
+# picked here stays free until the server binds it, seconds later, while the Ray instance that is starting
+# meanwhile takes ephemeral ports of its own (HAProxy once lost its stats port that way).
+_PICK_FROM = range(20000, 32768)
+
+
 def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nobody listens on right now, outside the OS's ephemeral range."""
+    for port in random.sample(_PICK_FROM, 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in {_PICK_FROM.start}-{_PICK_FROM.stop - 1}")
 
 
 def haproxy_ports() -> dict[str, str]:
     """Free ports for HAProxy's node-wide listeners, for a Ray instance that may not be alone on the machine."""
-    return {name: str(free_port()) for name in HAPROXY_NODE_PORTS}
+    ports: set[int] = set()
+    while len(ports) < len(HAPROXY_NODE_PORTS):
+        ports.add(free_port())
+    return {name: str(port) for name, port in zip(HAPROXY_NODE_PORTS, sorted(ports))}
 
 
 def one_machine_env() -> dict[str, str]:

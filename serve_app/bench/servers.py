@@ -140,12 +140,17 @@ class OurServer(ManagedServer):
     name = "ours"
 
     def __init__(self, workdir: Path, app_args: dict[str, Any], port: int | None = None,
-                 import_path: str = "serve_app.app:build_app", **kw: Any) -> None:
+                 import_path: str = "serve_app.app:build_app", code_dir: str | None = None, **kw: Any) -> None:
         # Ray runs as in production (deploy/ray-serve.env); a variable set in the caller's environment wins,
         # so `RAY_SERVE_THROUGHPUT_OPTIMIZED=0 clip-bench compare ...` measures the other mode.
         # Its own HAProxy ports even when the caller's environment names some (the tests' Ray holds those).
         ray_env = {k: v for k, v in one_machine_env().items() if k not in os.environ} | haproxy_ports()
         kw["env"] = {**ray_env, **(kw.get("env") or {})}
+        # Another checkout of this repository to serve (an experiment comparing two commits): first on the
+        # path of `serve run` and of every Ray worker it starts.
+        self.code_dir = code_dir
+        if code_dir:
+            kw["env"]["PYTHONPATH"] = code_dir
         super().__init__(workdir, port, **kw)
         self.app_args = app_args
         self.import_path = import_path  # another builder (an experiment) may be measured the same way
@@ -168,7 +173,8 @@ class OurServer(ManagedServer):
         return [str(serve), "run", "--address", "local", str(self.config_path)]
 
     def cwd(self) -> str | None:
-        return str(Path(__file__).resolve().parents[2])  # the repo root: serve_app importable as in `serve run`
+        # The repo root: serve_app importable as in `serve run`.
+        return self.code_dir or str(Path(__file__).resolve().parents[2])
 
 
 class NaiveServer(ManagedServer):

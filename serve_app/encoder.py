@@ -94,7 +94,7 @@ class ClipEncoder:
         # Loading and warm-up run there too, so that all of the model's CPU work has one OpenMP team: libgomp
         # gives each thread that starts a parallel region a team of its own, and once a process holds more
         # OpenMP threads than cores, every team sleeps at its barriers instead of spinning (BENCHMARKS.md,
-        # "One OpenMP team per process": ~50 futex sleeps per text pass, 15-35 % slower on 2 cores).
+        # "One OpenMP team per process": ~50 futex sleeps per text pass, 15-58 % slower on 2 cores).
         self._core = self._worker.submit(EncoderCore, spec).result()
         # Calls wait here while a pass runs, and after it until its callers are back (serve_app/pass_gate.py).
         self._gate = PassGate(self._batching.refill_wait_fraction, self._batching.refill_gap_s,

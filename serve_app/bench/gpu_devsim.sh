@@ -18,7 +18,7 @@ if [[ ! -x "$VENV/bin/python3" ]]; then
     regex protobuf psutil grpcio aiohttp prometheus-client uvloop msgpack click filelock packaging jinja2 \
     typing-extensions fsspec attrs anyio cloudpickle tokenizers sentencepiece rich typer pandas scipy six \
     aiofiles annotated-doc certifi charset-normalizer colorama h11 httpcore idna markupsafe networkx pyarrow \
-    pygments pyparsing python-dateutil setuptools sympy urllib3 werkzeug wrapt zipp
+    pygments pyparsing python-dateutil setuptools sympy threadpoolctl urllib3 werkzeug wrapt zipp
 fi
 rm -rf /tmp/site /tmp/devsim-out
 env -i HOME="$HOME" PATH="$VENV/bin:/usr/local/bin:/usr/bin:/bin" OUT=/tmp/devsim-out \

@@ -8,7 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV=${DEVSIM_VENV:-/tmp/devsim}
-PY312=${PY312:-$(command -v python3.12)}
+PY312=${PY312:-$(command -v python3.12 || true)}
+# A pyenv shim for a version that is installed but not selected fails when run: take the install itself.
+if ! "$PY312" -V >/dev/null 2>&1 && command -v pyenv >/dev/null; then
+  PY312=$(ls -d "$(pyenv root)"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)
+fi
 [[ -d .gpu-carry/whl ]] || { echo "no .gpu-carry: run bash serve_app/bench/gpu_carry.sh --served first" >&2; exit 1; }
 if [[ ! -x "$VENV/bin/python3" ]]; then
   "$PY312" -m venv "$VENV"

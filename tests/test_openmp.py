@@ -15,7 +15,6 @@ SCRIPT = r"""
 import asyncio, json, os, sys, threading
 from types import SimpleNamespace
 
-import torch
 from ray.serve import batching
 
 from serve_app.bench.payloads import jpeg_data_uri, synthetic_jpeg
@@ -42,8 +41,7 @@ async def serve_some():
     return len(texts), len(images)
 
 rows = asyncio.run(serve_some())
-print(json.dumps({"rows": rows, "workers_before": before, "workers_after": openmp_workers(),
-                  "torch_threads_here": torch.get_num_threads()}))
+print(json.dumps({"rows": rows, "workers_before": before, "workers_after": openmp_workers()}))
 """
 
 

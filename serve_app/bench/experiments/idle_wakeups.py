@@ -43,10 +43,10 @@ def measure(layout: str, env: dict[str, str], workdir: Path, window_s: float = 1
         time.sleep(5)
         rows, _ = usage(window_s, set(server.session_pids()))
         if passes:
-            from serve_app.bench.experiments.pass_timing import _core, _p50_ms, _text_p50_ms
+            from serve_app.bench.experiments.pass_timing import _core, _p50_ms
 
             core = _core()
-            print(f"    beside it: text pass p50 {_text_p50_ms(core)} ms, image pass p50 {_p50_ms(core)} ms",
+            print(f"    beside it: text pass p50 {_p50_ms(core, kind='text')} ms, image pass p50 {_p50_ms(core)} ms",
                   flush=True)
     finally:
         server.stop()

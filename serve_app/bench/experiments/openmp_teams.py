@@ -10,30 +10,20 @@ and without `keep_torch_serial_on_this_thread()` first. One fresh process per sc
 """
 
 import os
-import statistics
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 
-def _voluntary_switches() -> int:
-    with open("/proc/thread-self/status") as f:
-        return int(dict(line.split(":", 1) for line in f)["voluntary_ctxt_switches"])
+def _passes(core) -> str:
+    """`pass_timing`'s batch-1 text passes (60), on the calling thread, and who else holds threads."""
+    from serve_app.bench.experiments.pass_timing import _p50_ms
 
-
-def _passes(core, tokens) -> str:
-    for _ in range(5):
-        core.encode_texts(tokens)
-    times, before = [], _voluntary_switches()
-    for _ in range(60):
-        started = time.perf_counter()
-        core.encode_texts(tokens)
-        times.append((time.perf_counter() - started) * 1000)
-    sleeps = (_voluntary_switches() - before) / 60
+    switches: dict = {}
+    p50 = _p50_ms(core, passes=60, switches=switches, kind="text")
     workers = len(os.listdir("/proc/self/task")) - threading.active_count()
-    return f"p50 {statistics.median(times):5.1f} ms, {sleeps:4.1f} sleeps/pass, {workers} threads Python did not start"
+    return f"p50 {p50:5.1f} ms, {switches['voluntary']:4.1f} sleeps/pass, {workers} threads Python did not start"
 
 
 def _scenario(label: str, load_on_forward: bool, tokenize_elsewhere: bool, guarded: bool) -> None:
@@ -48,12 +38,11 @@ def _scenario(label: str, load_on_forward: bool, tokenize_elsewhere: bool, guard
     spec = ModelSpec(model="ViT-B-32", pretrained="random", device="cpu", torch_threads=2)
     core = forward.submit(EncoderCore, spec).result() if load_on_forward else EncoderCore(spec)
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
-    tokens = tokenizer(["a photo of a small brown dog on a sofa"])
     if tokenize_elsewhere:  # on the main thread, which lives on as an event loop thread would
         if guarded:
             keep_torch_serial_on_this_thread()
         tokenizer(["a photo of a dog"] * 1000)
-    print(f"{label:<58} {forward.submit(_passes, core, tokens).result()}", flush=True)
+    print(f"{label:<58} {forward.submit(_passes, core).result()}", flush=True)
 
 
 SCENARIOS = {

@@ -31,21 +31,29 @@ def _switches() -> tuple[int, int]:
     return int(fields["voluntary_ctxt_switches"]), int(fields["nonvoluntary_ctxt_switches"])
 
 
-def _p50_ms(core, gap_s: float = 0.0, passes: int = 40, switches: dict | None = None) -> float:
-    """p50 of `passes` batch-1 passes; `switches` (if given) gets the calling thread's context switches
-    per pass, voluntary and involuntary."""
+def _p50_ms(core, gap_s: float = 0.0, passes: int = 40, switches: dict | None = None, kind: str = "image") -> float:
+    """p50 of `passes` batch-1 passes of a 224x224 image, or with `kind="text"` of a short caption (the load
+    generator's kind of text); `switches` (if given) gets the calling thread's context switches per pass,
+    voluntary and involuntary."""
     import torch
 
-    pixels = torch.randint(0, 255, (1, 3, 224, 224), dtype=torch.uint8)
+    if kind == "text":
+        import open_clip
+
+        one = open_clip.get_tokenizer("ViT-B-32")(["a photo of a small brown dog on a sofa"])
+        encode = core.encode_texts
+    else:
+        one = torch.randint(0, 255, (1, 3, 224, 224), dtype=torch.uint8)
+        encode = core.encode_images
     for _ in range(5):
-        core.encode_images(pixels)
+        encode(one)
     times = []
     before = _switches()
     for _ in range(passes):
         if gap_s:
             time.sleep(gap_s)
         started = time.perf_counter()
-        core.encode_images(pixels)
+        encode(one)
         times.append((time.perf_counter() - started) * 1000)
     after = _switches()
     if switches is not None:
@@ -131,21 +139,6 @@ def cluster(rounds: int = 4) -> None:
                     os.kill(pid, signal.SIGCONT)
 
 
-def _text_p50_ms(core, passes: int = 40) -> float:
-    """p50 of `passes` batch-1 passes of a short caption (the load generator's kind of text)."""
-    import open_clip
-
-    tokens = open_clip.get_tokenizer("ViT-B-32")(["a photo of a small brown dog on a sofa"])
-    for _ in range(5):
-        core.encode_texts(tokens)
-    times = []
-    for _ in range(passes):
-        started = time.perf_counter()
-        core.encode_texts(tokens)
-        times.append((time.perf_counter() - started) * 1000)
-    return round(statistics.median(times), 1)
-
-
 def threads(rounds: int = 4) -> None:
     """Batch-1 passes on one torch thread against two, in this process beside the whole idle service and
     alone (the service stopped): does a single thread escape the wait at OpenMP barriers that the
@@ -161,10 +154,10 @@ def threads(rounds: int = 4) -> None:
     core = _core()
 
     def one_round(label: str) -> None:
-        for kind, measure in (("text", _text_p50_ms), ("image", _p50_ms)):
+        for kind in ("text", "image"):
             for n in (2, 1):
                 torch.set_num_threads(n)
-                print(f"{label:<15} {kind:<5} {n} thread(s): p50 {measure(core)} ms", flush=True)
+                print(f"{label:<15} {kind:<5} {n} thread(s): p50 {_p50_ms(core, kind=kind)} ms", flush=True)
         torch.set_num_threads(2)
 
     args = {"model": "ViT-B-32", "pretrained": "random", "served_model_name": "bench", "torch_threads": 2,

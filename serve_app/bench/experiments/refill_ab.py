@@ -160,12 +160,12 @@ def _measure(server: OurServer, variant: str, round_: int, loads: list, settings
               f"errors {result.error_count}", flush=True)
 
 
-def _named_json(specs: list[str]) -> dict[str, dict]:
-    """`NAME=JSON` arguments -> {NAME: parsed JSON}, in the order given."""
+def _named(specs: list[str], parse=json.loads) -> dict:
+    """`NAME=VALUE` arguments -> {NAME: parse(VALUE)} (JSON by default), in the order given."""
     named = {}
     for spec in specs:
-        name, _, settings_json = spec.partition("=")
-        named[name] = json.loads(settings_json)
+        name, _, value = spec.partition("=")
+        named[name] = parse(value)
     return named
 
 
@@ -195,14 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     # name -> (batching settings, other model settings, Ray's environment, checkout)
     variants = {name: (batching, {}, {}, None) for name, batching in VARIANTS.items()}
     if args.variant:
-        variants = {name: (batching, {}, {}, None) for name, batching in _named_json(args.variant).items()}
+        variants = {name: (batching, {}, {}, None) for name, batching in _named(args.variant).items()}
     if args.spec_variant:
-        variants = {name: ({}, settings, {}, None) for name, settings in _named_json(args.spec_variant).items()}
+        variants = {name: ({}, settings, {}, None) for name, settings in _named(args.spec_variant).items()}
     if args.ray_env_variant:
-        variants = {name: ({}, {}, env, None) for name, env in _named_json(args.ray_env_variant).items()}
+        variants = {name: ({}, {}, env, None) for name, env in _named(args.ray_env_variant).items()}
     if args.code_variant:
-        variants = {name: ({}, {}, {}, str(Path(path).resolve()))
-                    for name, _, path in (spec.partition("=") for spec in args.code_variant)}
+        checkouts = _named(args.code_variant, parse=lambda path: str(Path(path).resolve()))
+        variants = {name: ({}, {}, {}, checkout) for name, checkout in checkouts.items()}
     texts = TextPayload(model="bench", distinct=128).prepare()
     images = ImagePayload(model="bench", width=640, height=480, distinct=128).prepare()
     loads = [

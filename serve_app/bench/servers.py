@@ -140,7 +140,8 @@ class OurServer(ManagedServer):
     name = "ours"
 
     def __init__(self, workdir: Path, app_args: dict[str, Any], port: int | None = None,
-                 import_path: str = "serve_app.app:build_app", code_dir: str | None = None, **kw: Any) -> None:
+                 import_path: str = "serve_app.app:build_app", code_dir: str | None = None,
+                 dashboard: bool = True, **kw: Any) -> None:
         # Ray runs as in production (deploy/ray-serve.env); a variable set in the caller's environment wins,
         # so `RAY_SERVE_THROUGHPUT_OPTIMIZED=0 clip-bench compare ...` measures the other mode.
         # Its own HAProxy ports even when the caller's environment names some (the tests' Ray holds those).
@@ -155,6 +156,7 @@ class OurServer(ManagedServer):
         self.app_args = app_args
         self.import_path = import_path  # another builder (an experiment) may be measured the same way
         self.config_path = self.workdir / "serve-config.yaml"
+        self.dashboard = dashboard  # False: a local Ray without Ray's dashboard (an experiment)
 
     def prepare(self) -> None:
         config = {
@@ -168,6 +170,8 @@ class OurServer(ManagedServer):
         self.config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
     def command(self) -> list[str]:
+        if not self.dashboard:  # `serve run`'s own command on a local Ray started without the dashboard
+            return [sys.executable, "-m", "serve_app.bench.experiments.no_dashboard", str(self.config_path)]
         serve = Path(sys.executable).parent / "serve"
         # `--address local`: always a fresh local Ray for this run, never a cluster found on the machine.
         return [str(serve), "run", "--address", "local", str(self.config_path)]

@@ -18,9 +18,11 @@ from serve_app.bench.cpu_by_process import usage
 from serve_app.bench.payloads import TextPayload
 from serve_app.bench.servers import OurServer
 
-# Ray Serve's controller loop and metric export intervals (0.1 s each by default; both read at process start).
+# Ray's environment per variant, on top of the production one (deploy/ray-serve.env). Ray Serve's controller
+# loop and metric export intervals are 0.1 s each by default (both read at process start).
+DEFAULT_LOOPS = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "100"}
 VARIANTS: dict[str, dict[str, str]] = {
-    "default": {},
+    "default": DEFAULT_LOOPS,
     "slow-loops": {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"},
     # and Ray core's own 100 ms / 250 ms periodic work in the raylet (resource reports to the GCS, the GC
     # check, the memory monitor's refresh), read by every Ray process at start.
@@ -28,15 +30,19 @@ VARIANTS: dict[str, dict[str, str]] = {
               "RAY_raylet_report_resources_period_milliseconds": "1000",
               "RAY_raylet_check_gc_period_milliseconds": "1000", "RAY_memory_monitor_refresh_ms": "1000"},
 }
+# Variants whose local Ray starts without the head's dashboard (experiments/no_dashboard.py); the others
+# through plain `serve run`, which starts it.
+WITHOUT_DASHBOARD = {"no-dashboard": VARIANTS["slow-loops"]}
+VARIANTS |= WITHOUT_DASHBOARD
 
 
 def measure(layout: str, env: dict[str, str], workdir: Path, window_s: float = 10.0,
-            passes: bool = False) -> list[tuple[str, float, float]]:
+            passes: bool = False, dashboard: bool = True) -> list[tuple[str, float, float]]:
     """(command, cores, switches/s) of each process of the idle service's session; with `passes`, also prints
     the p50 of batch-1 text and image passes in this process beside the idle service (see pass_timing)."""
     args = {"model": "ViT-B-32", "pretrained": "random", "served_model_name": "bench", "torch_threads": 2,
             "layout": layout}
-    server = OurServer(workdir, args, env=env)
+    server = OurServer(workdir, args, env=env, dashboard=dashboard)
     server.start()
     try:
         server.wait_ready(TextPayload(model="bench", distinct=8).prepare(), 180)
@@ -64,7 +70,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     for round_ in range(args.rounds):
         for name in args.variants.split(","):
-            rows = measure(args.layout, VARIANTS[name], Path(args.workdir) / f"{name}-{round_}", passes=args.passes)
+            rows = measure(args.layout, VARIANTS[name], Path(args.workdir) / f"{name}-{round_}", passes=args.passes,
+                           dashboard=name not in WITHOUT_DASHBOARD)
             cores, switches = sum(r[1] for r in rows), sum(r[2] for r in rows)
             print(f"round {round_} {name}: {len(rows)} processes, {cores:.3f} cores, {switches:.0f} switches/s",
                   flush=True)

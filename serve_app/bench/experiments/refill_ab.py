@@ -12,6 +12,7 @@
         --ray-env-variant 'slow={"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}'   # Ray's own environment
     python -m serve_app.bench.experiments.refill_ab --code-variant 'before=/tmp/wt-before' \
         --code-variant 'after=.'              # two checkouts (git worktree add /tmp/wt-before COMMIT)
+    python -m serve_app.bench.experiments.refill_ab --dashboard-ab   # Ray's dashboard or not (no_dashboard.py)
 
 ViT-B-32 (random weights, 2 torch threads) served as in production, once with `refill_wait_fraction: 0`
 (the gate opens when a pass ends) and once with the default, alternating, each on a freshly started server.
@@ -184,25 +185,33 @@ def main(argv: list[str] | None = None) -> int:
                         help="NAME=JSON environment of the server's Ray processes, repeated; fresh servers")
     parser.add_argument("--code-variant", action="append", default=[],
                         help="NAME=DIR: a checkout of this repository to serve, repeated; fresh servers")
+    parser.add_argument("--dashboard-ab", action="store_true",
+                        help="plain `serve run` (with Ray's dashboard) against no_dashboard.py; fresh servers")
+    parser.add_argument("--reverse", action="store_true", help="the variants in the opposite order in each round")
     parser.add_argument("--same-server", action="store_true",
                         help="one server for all variants, switched through the replica's reconfigure")
     parser.add_argument("--loads", default=None, help="comma-separated subset of the load names, in that order")
     args = parser.parse_args(argv)
-    fresh_only = [flag for flag in ("spec_variant", "ray_env_variant", "code_variant") if getattr(args, flag)]
+    fresh_only = [flag for flag in ("spec_variant", "ray_env_variant", "code_variant", "dashboard_ab")
+                  if getattr(args, flag)]
     if len(fresh_only) > 1 or (fresh_only and (args.variant or args.same_server)):
-        parser.error("--spec-variant, --ray-env-variant and --code-variant change what a server starts with: "
-                     "one of them, and not with --variant or --same-server")
-    # name -> (batching settings, other model settings, Ray's environment, checkout)
-    variants = {name: (batching, {}, {}, None) for name, batching in VARIANTS.items()}
+        parser.error("--spec-variant, --ray-env-variant, --code-variant and --dashboard-ab change what a server "
+                     "starts with: one of them, and not with --variant or --same-server")
+    # name -> (batching settings, other model settings, Ray's environment, checkout, Ray's dashboard)
+    variants = {name: (batching, {}, {}, None, True) for name, batching in VARIANTS.items()}
     if args.variant:
-        variants = {name: (batching, {}, {}, None) for name, batching in _named(args.variant).items()}
+        variants = {name: (batching, {}, {}, None, True) for name, batching in _named(args.variant).items()}
     if args.spec_variant:
-        variants = {name: ({}, settings, {}, None) for name, settings in _named(args.spec_variant).items()}
+        variants = {name: ({}, settings, {}, None, True) for name, settings in _named(args.spec_variant).items()}
     if args.ray_env_variant:
-        variants = {name: ({}, {}, env, None) for name, env in _named(args.ray_env_variant).items()}
+        variants = {name: ({}, {}, env, None, True) for name, env in _named(args.ray_env_variant).items()}
     if args.code_variant:
         checkouts = _named(args.code_variant, parse=lambda path: str(Path(path).resolve()))
-        variants = {name: ({}, {}, {}, checkout) for name, checkout in checkouts.items()}
+        variants = {name: ({}, {}, {}, checkout, True) for name, checkout in checkouts.items()}
+    if args.dashboard_ab:
+        variants = {"dashboard": ({}, {}, {}, None, True), "no-dash": ({}, {}, {}, None, False)}
+    if args.reverse:
+        variants = dict(reversed(variants.items()))
     texts = TextPayload(model="bench", distinct=128).prepare()
     images = ImagePayload(model="bench", width=640, height=480, distinct=128).prepare()
     loads = [
@@ -219,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     shared: OurServer | None = None
     try:
         for round_ in range(1, args.rounds + 1):
-            for index, (variant, (batching, model_settings, ray_env, code_dir)) in enumerate(variants.items()):
+            for index, (variant, (batching, model_settings, ray_env, code_dir, dashboard)) in enumerate(
+                variants.items()
+            ):
                 if args.same_server and shared is not None:
                     _reconfigure(shared, args.layout, batching)
                     time.sleep(2)
@@ -229,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                              "torch_threads": 2, "batching": batching, **model_settings}
                     app_args = {"layout": args.layout, "models": [model]}
                     server = OurServer(Path(args.workdir) / f"{round_}-{index}", app_args, env=ray_env,
-                                       code_dir=code_dir)
+                                       code_dir=code_dir, dashboard=dashboard)
                     if args.same_server:
                         shared = server
                     server.start()

@@ -293,12 +293,18 @@ def test_gpu_budget_skips_and_records():
     assert run["image"] == [] and run["skipped"]
 
 
-def test_cli_gpu_smoke_writes_json_and_table(tmp_path: Path, capsys):
+def test_cli_gpu_smoke_writes_json_and_table(tmp_path: Path, capsys, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the smoke run's tiny model goes
     out = tmp_path / "gpu.json"
     main(["gpu", "--smoke", "--no-served", "--no-compile", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["served"] is None and result["image"] and result["settings"]["device"] == "cpu"
     assert "images/s" in out.with_suffix(".md").read_text() and "MFU %" in capsys.readouterr().out
+    assert list(scratch.iterdir()) == []  # removed after the run: every `make test` runs this
 
 
 def test_our_app_args_fit_small_machines(monkeypatch):

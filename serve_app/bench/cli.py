@@ -209,12 +209,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_gpu(args: argparse.Namespace) -> int:
+    import contextlib
     import tempfile
 
     from serve_app.bench.gpu import GpuSettings, run_gpu, smoke_settings, summary_table
 
+    # the smoke run's tiny model lives only as long as the run (the test suite runs it every time)
+    scratch = tempfile.TemporaryDirectory(prefix="clip-bench-gpu-smoke-") if args.smoke else contextlib.nullcontext()
     if args.smoke:
-        settings = smoke_settings(Path(tempfile.mkdtemp(prefix="clip-bench-gpu-smoke-")))
+        settings = smoke_settings(Path(scratch.name))
         settings.served = not args.no_served
         settings.compile = not args.no_compile
         settings.served_import_path = args.served_import_path
@@ -231,7 +234,8 @@ def cmd_gpu(args: argparse.Namespace) -> int:
             served_import_path=args.served_import_path,
         )
     json_path = Path(args.out) if args.out else DEFAULT_OUT / f"gpu-{_stamp()}.json"
-    result = run_gpu(settings, json_path)
+    with scratch:
+        result = run_gpu(settings, json_path)
     table = summary_table(result)
     json_path.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
     print(table)

@@ -17,7 +17,6 @@ counted with `torch.utils.flop_counter` on one image.
 
 import json
 import os
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -382,8 +381,5 @@ def summary_table(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def run_gpu(settings: GpuSettings | None, out: Path | None, smoke: bool = False) -> dict[str, Any]:
-    if smoke:
-        settings = smoke_settings(Path(tempfile.mkdtemp(prefix="clip-bench-gpu-smoke-")))
-    assert settings is not None
+def run_gpu(settings: GpuSettings, out: Path | None) -> dict[str, Any]:
     return GpuRun(settings, out).run()

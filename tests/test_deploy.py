@@ -64,6 +64,22 @@ def listener_names(port: int) -> set[str]:
     return names
 
 
+def replica_env(sid: int, deployment: str, key: str) -> str | None:
+    """`key` in the environment of the session's replica process of `deployment` (Linux /proc)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.getsid(int(proc.name)) == sid:
+                if f"ServeReplica:clip:{deployment}".encode() in (proc / "cmdline").read_bytes():
+                    for entry in (proc / "environ").read_bytes().split(b"\0"):
+                        name, _, value = entry.decode(errors="replace").partition("=")
+                        if name == key:
+                            return value
+                    return None
+        except OSError:
+            continue
+    raise AssertionError(f"no {deployment} replica in session {sid}")
+
+
 def test_ray_serve_env_file_parses_and_names_the_serving_mode(tmp_path: Path):
     env = serve_env()
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
@@ -104,8 +120,10 @@ def test_serve_run_with_the_dev_config(tmp_path: Path, tiny_model_dir: Path):
             pytest.fail("serve run did not become healthy in 180 s")
         response = requests.post(url + "/v1/embeddings", json={"input": "hello", "model": "tiny-clip"}, timeout=30)
         assert response.status_code == 200 and len(response.json()["data"][0]["embedding"]) == 32
-        # deploy/ray-serve.env is in effect: HAProxy, not Serve's Python proxy, holds the HTTP port
+        # deploy/ray-serve.env is in effect: HAProxy, not Serve's Python proxy, holds the HTTP port, and the
+        # replicas that run torch see its OpenMP settings
         assert listener_names(port) == {"haproxy"}
+        assert replica_env(process.pid, "ClipEncoder", "GOMP_SPINCOUNT") == serve_env()["GOMP_SPINCOUNT"]
     finally:
         process.send_signal(signal.SIGINT)
         try:

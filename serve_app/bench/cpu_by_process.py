@@ -28,6 +28,26 @@ def context_switches(pid: int) -> int:
     return total
 
 
+def _stat_cpu(stat: str) -> float:
+    """User + system CPU seconds from a /proc `stat` line (a process's or one thread's)."""
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def thread_times(pid: int) -> dict[int, tuple[str, float, int, int]]:
+    """tid -> (name, CPU seconds, voluntary, involuntary context switches so far) of each thread of a process."""
+    threads = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+            status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines() if ":" in line)
+        except OSError:
+            continue
+        threads[int(task.name)] = (stat[stat.find("(") + 1 : stat.rfind(")")], _stat_cpu(stat),
+                                   int(status["voluntary_ctxt_switches"]), int(status["nonvoluntary_ctxt_switches"]))
+    return threads
+
+
 def cpu_seconds() -> dict[int, tuple[str, float, int]]:
     """pid -> (command line, user + system CPU seconds so far, context switches so far)."""
     out = {}
@@ -39,9 +59,8 @@ def cpu_seconds() -> dict[int, tuple[str, float, int]]:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        out[int(entry.name)] = (cmd or stat[stat.find("(") + 1 : stat.rfind(")")],
-                                (int(fields[11]) + int(fields[12])) / TICKS, context_switches(int(entry.name)))
+        out[int(entry.name)] = (cmd or stat[stat.find("(") + 1 : stat.rfind(")")], _stat_cpu(stat),
+                                context_switches(int(entry.name)))
     return out
 
 

@@ -11,55 +11,19 @@ and context switches from /proc) over that window say where each request's time 
 """
 
 import argparse
-import os
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+from serve_app.bench.cpu_by_process import thread_times
 from serve_app.bench.experiments.pass_timing import _core, _p50_ms
-from serve_app.bench.experiments.refill_ab import _cmdline, _metrics_url
+from serve_app.bench.experiments.refill_ab import _cmdline, _metrics_url, histogram_totals
 from serve_app.bench.loadgen import Level, LoadSettings, run_load
 from serve_app.bench.payloads import TextPayload
 from serve_app.bench.servers import OurServer
 
 HISTOGRAMS = ("request_seconds", "preprocess_seconds", "queue_wait_seconds", "encode_seconds", "refill_wait_seconds")
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def histogram_totals(url: str) -> dict[tuple[str, str], float]:
-    """(histogram, "sum" | "count") -> value, summed over labels, for the service's `ray_clip_*` histograms."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    totals: dict[tuple[str, str], float] = {}
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        name = family.name.removeprefix("ray_clip_")
-        if name not in HISTOGRAMS:
-            continue
-        for sample in family.samples:
-            kind = sample.name.rsplit("_", 1)[1]
-            if kind in ("sum", "count"):
-                totals[(name, kind)] = totals.get((name, kind), 0.0) + sample.value
-    return totals
-
-
-def thread_times(pid: int) -> dict[int, tuple[str, float, int, int]]:
-    """tid -> (name, CPU seconds, voluntary, involuntary context switches) of each thread of a process."""
-    threads = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            stat = (task / "stat").read_text()
-            status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines() if ":" in line)
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        cpu = (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
-        threads[int(task.name)] = (stat[stat.index("(") + 1 : stat.rindex(")")], cpu,
-                                   int(status["voluntary_ctxt_switches"]), int(status["nonvoluntary_ctxt_switches"]))
-    return threads
 
 
 def one_round(core, round_: int, env: dict[str, str], workdir: Path) -> None:
@@ -76,23 +40,23 @@ def one_round(core, round_: int, env: dict[str, str], workdir: Path) -> None:
         url = _metrics_url(server)
         time.sleep(12)  # the replica pushes its metrics every few seconds: let the warm-up's settle
         beside_idle = _p50_ms(core, kind="text")
-        before, threads_before = histogram_totals(url), thread_times(replica)
+        before, threads_before = histogram_totals(url, HISTOGRAMS), thread_times(replica)
         (result,) = run_load(server.base_url, texts, [Level(concurrency=1)],
                              LoadSettings(duration_s=15, warmup_s=0.01, progress=False))
         threads_after = thread_times(replica)
         time.sleep(12)
-        after = histogram_totals(url)
+        after = histogram_totals(url, HISTOGRAMS)
     finally:
         server.stop()
     alone_after = _p50_ms(core, kind="text")
-    requests = after[("request_seconds", "count")] - before.get(("request_seconds", "count"), 0.0)
+    requests = after[("request_seconds", None, "count")] - before.get(("request_seconds", None, "count"), 0.0)
     print(f"round {round_}: one client {result.items_per_s:.2f} texts/s (p50 {result.latency_ms['p50']:.1f} ms); "
           f"bare text pass p50 alone {alone_before} ms, beside the idle service {beside_idle} ms, "
           f"alone after {alone_after} ms", flush=True)
     parts = []
     for name in HISTOGRAMS:
-        count = after.get((name, "count"), 0.0) - before.get((name, "count"), 0.0)
-        total = after.get((name, "sum"), 0.0) - before.get((name, "sum"), 0.0)
+        count = after.get((name, None, "count"), 0.0) - before.get((name, None, "count"), 0.0)
+        total = after.get((name, None, "sum"), 0.0) - before.get((name, None, "sum"), 0.0)
         parts.append(f"{name.removesuffix('_seconds')} {1000 * total / count:.2f} ms" if count else f"{name} -")
     print(f"    service, mean per request ({requests:.0f}): " + "; ".join(parts), flush=True)
     rows = []

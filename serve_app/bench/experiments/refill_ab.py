@@ -33,6 +33,7 @@ import os
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from serve_app.bench.loadgen import Level, LoadSettings, run_load
@@ -40,6 +41,17 @@ from serve_app.bench.payloads import ImagePayload, TextPayload
 from serve_app.bench.servers import OurServer
 
 VARIANTS = {"refill off": {"refill_wait_fraction": 0.0}, "refill 0.5": {"refill_wait_fraction": 0.5}}
+
+
+@dataclass
+class Variant:
+    """What one variant changes: batching (switchable on a running server), or what a server starts with."""
+
+    batching: dict = field(default_factory=dict)
+    model_settings: dict = field(default_factory=dict)
+    ray_env: dict = field(default_factory=dict)
+    code_dir: str | None = None  # another checkout of this repository to serve
+    dashboard: bool = True  # False: a local Ray without its dashboard (no_dashboard.py)
 
 
 def _listening_ports(pids: list[int]) -> list[int]:
@@ -90,25 +102,34 @@ def _metrics_url(server: OurServer) -> str | None:
     return None
 
 
-def _batch_sizes(metrics_url: str | None) -> dict[str, tuple[float, float]]:
-    """modality -> (passes, rows) so far, from the encoder's `clip_batch_size` histogram."""
-    if metrics_url is None:
-        return {}
+def histogram_totals(metrics_url: str, names: tuple[str, ...], by: str | None = None) -> dict[tuple, float]:
+    """(histogram, label `by`'s value or None, "sum" | "count") -> value so far, summed over the other labels,
+    for the service's `ray_clip_<name>` histograms on Ray's metrics endpoint."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(metrics_url, timeout=5) as response:
         text = response.read().decode()
-    totals: dict[str, list[float]] = {}
+    totals: dict[tuple, float] = {}
     for family in text_string_to_metric_families(text):
-        if family.name != "ray_clip_batch_size":
+        name = family.name.removeprefix("ray_clip_")
+        if name not in names:
             continue
         for sample in family.samples:
-            entry = totals.setdefault(sample.labels.get("modality", "?"), [0.0, 0.0])
-            if sample.name.endswith("_count"):
-                entry[0] += sample.value
-            elif sample.name.endswith("_sum"):
-                entry[1] += sample.value
-    return {k: (v[0], v[1]) for k, v in totals.items()}
+            kind = sample.name.rsplit("_", 1)[1]
+            if kind in ("sum", "count"):
+                key = (name, sample.labels.get(by, "?") if by else None, kind)
+                totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+def _batch_sizes(metrics_url: str | None) -> dict[str, tuple[float, float]]:
+    """modality -> (passes, rows) so far, from the encoder's `clip_batch_size` histogram."""
+    if metrics_url is None:
+        return {}
+    totals = histogram_totals(metrics_url, ("batch_size",), by="modality")
+    modalities = {modality for _, modality, _ in totals}
+    return {m: (totals.get(("batch_size", m, "count"), 0.0), totals.get(("batch_size", m, "sum"), 0.0))
+            for m in modalities}
 
 
 def _gcs_address(server: OurServer) -> str:
@@ -197,19 +218,18 @@ def main(argv: list[str] | None = None) -> int:
     if len(fresh_only) > 1 or (fresh_only and (args.variant or args.same_server)):
         parser.error("--spec-variant, --ray-env-variant, --code-variant and --dashboard-ab change what a server "
                      "starts with: one of them, and not with --variant or --same-server")
-    # name -> (batching settings, other model settings, Ray's environment, checkout, Ray's dashboard)
-    variants = {name: (batching, {}, {}, None, True) for name, batching in VARIANTS.items()}
+    variants = {name: Variant(batching=batching) for name, batching in VARIANTS.items()}
     if args.variant:
-        variants = {name: (batching, {}, {}, None, True) for name, batching in _named(args.variant).items()}
+        variants = {name: Variant(batching=batching) for name, batching in _named(args.variant).items()}
     if args.spec_variant:
-        variants = {name: ({}, settings, {}, None, True) for name, settings in _named(args.spec_variant).items()}
+        variants = {name: Variant(model_settings=settings) for name, settings in _named(args.spec_variant).items()}
     if args.ray_env_variant:
-        variants = {name: ({}, {}, env, None, True) for name, env in _named(args.ray_env_variant).items()}
+        variants = {name: Variant(ray_env=env) for name, env in _named(args.ray_env_variant).items()}
     if args.code_variant:
         checkouts = _named(args.code_variant, parse=lambda path: str(Path(path).resolve()))
-        variants = {name: ({}, {}, {}, checkout, True) for name, checkout in checkouts.items()}
+        variants = {name: Variant(code_dir=checkout) for name, checkout in checkouts.items()}
     if args.dashboard_ab:
-        variants = {"dashboard": ({}, {}, {}, None, True), "no-dash": ({}, {}, {}, None, False)}
+        variants = {"dashboard": Variant(), "no-dash": Variant(dashboard=False)}
     if args.reverse:
         variants = dict(reversed(variants.items()))
     texts = TextPayload(model="bench", distinct=128).prepare()
@@ -228,19 +248,17 @@ def main(argv: list[str] | None = None) -> int:
     shared: OurServer | None = None
     try:
         for round_ in range(1, args.rounds + 1):
-            for index, (variant, (batching, model_settings, ray_env, code_dir, dashboard)) in enumerate(
-                variants.items()
-            ):
+            for index, (variant, chosen) in enumerate(variants.items()):
                 if args.same_server and shared is not None:
-                    _reconfigure(shared, args.layout, batching)
+                    _reconfigure(shared, args.layout, chosen.batching)
                     time.sleep(2)
                     server = shared
                 else:
                     model = {"model": "ViT-B-32", "pretrained": "random", "served_model_name": "bench",
-                             "torch_threads": 2, "batching": batching, **model_settings}
+                             "torch_threads": 2, "batching": chosen.batching, **chosen.model_settings}
                     app_args = {"layout": args.layout, "models": [model]}
-                    server = OurServer(Path(args.workdir) / f"{round_}-{index}", app_args, env=ray_env,
-                                       code_dir=code_dir, dashboard=dashboard)
+                    server = OurServer(Path(args.workdir) / f"{round_}-{index}", app_args, env=chosen.ray_env,
+                                       code_dir=chosen.code_dir, dashboard=chosen.dashboard)
                     if args.same_server:
                         shared = server
                     server.start()

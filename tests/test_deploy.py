@@ -13,6 +13,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.app import build_app
+from serve_app.bench.servers import _session_members
 from serve_app.config import AppArgs
 from serve_app.ray_env import free_port, haproxy_ports, serve_env
 
@@ -66,15 +67,15 @@ def listener_names(port: int) -> set[str]:
 
 def replica_env(sid: int, deployment: str, key: str) -> str | None:
     """`key` in the environment of the session's replica process of `deployment` (Linux /proc)."""
-    for proc in Path("/proc").iterdir():
+    for pid in _session_members(sid):
+        proc = Path(f"/proc/{pid}")
         try:
-            if proc.name.isdigit() and os.getsid(int(proc.name)) == sid:
-                if f"ServeReplica:clip:{deployment}".encode() in (proc / "cmdline").read_bytes():
-                    for entry in (proc / "environ").read_bytes().split(b"\0"):
-                        name, _, value = entry.decode(errors="replace").partition("=")
-                        if name == key:
-                            return value
-                    return None
+            if f"ServeReplica:clip:{deployment}".encode() in (proc / "cmdline").read_bytes():
+                for entry in (proc / "environ").read_bytes().split(b"\0"):
+                    name, _, value = entry.decode(errors="replace").partition("=")
+                    if name == key:
+                        return value
+                return None
         except OSError:
             continue
     raise AssertionError(f"no {deployment} replica in session {sid}")

@@ -1,4 +1,4 @@
-"""EXPERIMENT: where a short text's time goes at concurrency 1 (BENCHMARKS.md, "Texts at c=1, taken apart").
+"""EXPERIMENT: where a short text's time goes at concurrency 1 (BENCHMARKS.md, "OpenMP workers that sleep sooner").
 
     python -m serve_app.bench.experiments.c1_breakdown              # 2 rounds
     python -m serve_app.bench.experiments.c1_breakdown 3 --env GOMP_SPINCOUNT=10000   # the replica's env

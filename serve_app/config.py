@@ -15,6 +15,7 @@ DEFAULT_MODEL = "hf-hub:laion/CLIP-ViT-g-14-laion2B-s34B-b88K"
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 Layout = Literal["pools", "one-process"]
 Device = Literal["auto", "cpu", "cuda"]
+CpuKernels = Literal["onednn", "eager"]
 
 
 class StrictModel(BaseModel):
@@ -93,6 +94,11 @@ class ModelSpec(StrictModel):
     device: Device = "auto"
     precision: Precision = "auto"
     torch_threads: int | None = Field(default=None, ge=1, description="intra-op CPU threads of an encoder")
+    cpu_kernels: CpuKernels = Field(
+        default="onednn",
+        description="fp32 on the CPU: onednn runs the transformer's linear layers on weights packed once at load "
+        "(serve_app/cpu_kernels.py); eager leaves open_clip's modules as they are",
+    )
     batching: BatchSettings = Field(default_factory=BatchSettings)
     encoder: PoolSettings = Field(default_factory=_default_encoder_pool)
     health_max_age_s: float = Field(default=30.0, gt=0, description="/health probes an encoder idle longer")
@@ -168,6 +174,7 @@ class AppArgs(StrictModel):
     device: Device = "auto"
     precision: Precision = "auto"
     torch_threads: int | None = Field(default=None, ge=1)
+    cpu_kernels: CpuKernels = "onednn"
     max_batch_size: int | None = Field(default=None, ge=1)
     batch_wait_timeout_s: float | None = Field(default=None, ge=0.0)
     encoder: PoolSettings | None = None
@@ -205,6 +212,7 @@ class AppArgs(StrictModel):
                 device=self.device,
                 precision=self.precision,
                 torch_threads=self.torch_threads,
+                cpu_kernels=self.cpu_kernels,
                 batching=batching,
                 **({"encoder": self.encoder} if self.encoder is not None else {}),
             )

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from serve_app import metrics
+from serve_app import cpu_kernels, metrics
 from serve_app.config import BatchSettings, ModelSpec
 from serve_app.errors import InvalidRequest, ServeAppError, Unavailable
 from serve_app.modeling import encode_text, load_model, resolve_device, resolve_precision
@@ -54,6 +54,13 @@ class EncoderCore:
         self.precision = resolve_precision(spec.precision, self.device)
         started = time.perf_counter()
         self.model = load_model(spec, self.device, self.precision)
+        self.packed_blocks = 0
+        if spec.cpu_kernels == "onednn" and self.device == "cpu" and self.precision == "fp32":
+            if cpu_kernels.available():
+                self.packed_blocks = cpu_kernels.pack_transformer_linears(self.model)
+            else:
+                logger.warning("cpu_kernels=onednn: this torch build has no oneDNN packed linear; running eager")
+        self.kernels = "onednn" if self.packed_blocks else "eager"
         self.load_seconds = time.perf_counter() - started
         self.input_dtype = open_clip.get_input_dtype(self.precision) or torch.float32
         cfg = get_model_preprocess_cfg(self.model)
@@ -103,8 +110,8 @@ class ClipEncoder:
         self._consecutive_failures = 0
         self._worker.submit(self._warm_up).result()
         logger.info(
-            "ClipEncoder %s ready on %s/%s in %.1fs", spec.name, self._core.device, self._core.precision,
-            self._core.load_seconds,
+            "ClipEncoder %s ready on %s/%s (%s kernels) in %.1fs", spec.name, self._core.device,
+            self._core.precision, self._core.kernels, self._core.load_seconds,
         )
 
     def _warm_up(self) -> None:
@@ -149,6 +156,7 @@ class ClipEncoder:
             "pid": os.getpid(),
             "device": self._core.device,
             "precision": self._core.precision,
+            "kernels": self._core.kernels,
             "batching": self._batching.model_dump(),
             "gate": {"refill_wait_fraction": self._gate.refill_wait_fraction, "refill_gap_s": self._gate.refill_gap_s},
         }

@@ -29,12 +29,13 @@ class BareSettings:
 
 def model_spec(
     model: str, pretrained: str | None = None, threads: int | None = None, device: str = "cpu",
-    precision: str = "auto",
+    precision: str = "auto", cpu_kernels: str = "onednn",
 ) -> Any:
     from serve_app.config import ModelSpec
 
     return ModelSpec(
         model=model, pretrained=pretrained, torch_threads=threads, device=device, precision=precision,  # type: ignore[arg-type]
+        cpu_kernels=cpu_kernels,  # type: ignore[arg-type]
     )
 
 
@@ -115,6 +116,7 @@ class BareModel:
             "pretrained": self.spec.pretrained,
             "device": self.core.device,
             "precision": self.core.precision,
+            "kernels": self.core.kernels,
             "threads": _threads(),
             "load_seconds": round(self.load_seconds, 2),
             "seconds": round(time.perf_counter() - started, 2),

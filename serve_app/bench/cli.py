@@ -82,7 +82,8 @@ def cmd_bare(args: argparse.Namespace) -> int:
     settings = BareSettings(image_batches=_ints(args.image_batches), text_batches=_ints(args.text_batches),
                             min_seconds=args.min_seconds, min_iterations=args.min_iterations,
                             warmup_iterations=args.warmup_iterations, width=width, height=height)
-    spec = model_spec(args.model, _pretrained(args.pretrained), args.threads, args.device, args.precision)
+    spec = model_spec(args.model, _pretrained(args.pretrained), args.threads, args.device, args.precision,
+                      args.cpu_kernels)
     bare = BareModel(spec, settings)
     report = bare_report(bare.run(tuple(_strs(args.modalities))), settings)
     json_path, _ = _out_paths(args, "bare")
@@ -90,7 +91,8 @@ def cmd_bare(args: argparse.Namespace) -> int:
     rows = [[r["modality"], r["batch"], fmt(r["items_per_s"], 2), fmt(r["batch_latency_ms"]["p50"]),
              fmt(r["batch_latency_ms"]["p95"]), r["iterations"]] for r in report["results"]]
     print(format_table(["modality", "batch", "items/s", "batch p50 ms", "batch p95 ms", "iterations"], rows))
-    print(f"model {args.model} ({report['device']}, {report['precision']}, {report['threads']} threads), "
+    print(f"model {args.model} ({report['device']}, {report['precision']}, {report['kernels']} kernels, "
+          f"{report['threads']} threads), "
           f"loaded in {report['load_seconds']}s; JSON: {json_path}")
     return 0
 
@@ -276,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(bare)
     bare.add_argument("--device", default="cpu")
     bare.add_argument("--precision", default="auto")
+    bare.add_argument("--cpu-kernels", default="onednn", choices=["onednn", "eager"],
+                      help="the service's `cpu_kernels` setting (eager: open_clip's modules as they are)")
     bare.add_argument("--modalities", default="image,text")
     bare.add_argument("--image-batches", default="1,8,32")
     bare.add_argument("--text-batches", default="1,32")

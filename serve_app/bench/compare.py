@@ -146,7 +146,10 @@ def run_compare(settings: CompareSettings) -> dict[str, Any]:
     levels = [Level(concurrency=c) for c in settings.levels]
 
     _log(f"loading the bare model {settings.model} ({settings.threads} threads)")
-    bare = BareModel(model_spec(settings.model, settings.pretrained, settings.threads), settings.bare)
+    # bare runs the model the way the service is told to (`--app-args '{"cpu_kernels": "eager"}'` reaches both)
+    kernels = settings.app_args.get("cpu_kernels", "onednn")
+    bare = BareModel(model_spec(settings.model, settings.pretrained, settings.threads, cpu_kernels=kernels),
+                     settings.bare)
     bare_runs = [bare.run(tuple(settings.modalities))]
     _log("bare run 0 done")
     served: dict[str, Any] = {}

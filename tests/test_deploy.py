@@ -65,20 +65,30 @@ def listener_names(port: int) -> set[str]:
     return names
 
 
-def replica_env(sid: int, deployment: str, key: str) -> str | None:
-    """`key` in the environment of the session's replica process of `deployment` (Linux /proc)."""
-    for pid in _session_members(sid):
-        proc = Path(f"/proc/{pid}")
-        try:
-            if f"ServeReplica:clip:{deployment}".encode() in (proc / "cmdline").read_bytes():
-                for entry in (proc / "environ").read_bytes().split(b"\0"):
-                    name, _, value = entry.decode(errors="replace").partition("=")
-                    if name == key:
-                        return value
-                return None
-        except OSError:
-            continue
-    raise AssertionError(f"no {deployment} replica in session {sid}")
+def replica_env(sid: int, deployment: str, key: str, timeout_s: float = 30.0) -> str | None:
+    """`key` in the environment of the session's replica process of `deployment` (Linux /proc).
+
+    Polls: on a loaded machine Ray may be replacing the replica (a missed health check) when first asked.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        titles = []
+        for pid in _session_members(sid):
+            proc = Path(f"/proc/{pid}")
+            try:
+                title = (proc / "cmdline").read_bytes()
+                titles.append(title.replace(b"\0", b" ").decode(errors="replace")[:80])
+                if f"ServeReplica:clip:{deployment}".encode() in title:
+                    for entry in (proc / "environ").read_bytes().split(b"\0"):
+                        name, _, value = entry.decode(errors="replace").partition("=")
+                        if name == key:
+                            return value
+                    return None
+            except OSError:
+                continue
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {deployment} replica in session {sid}; its processes: {titles}")
+        time.sleep(1)
 
 
 def test_ray_serve_env_file_parses_and_names_the_serving_mode(tmp_path: Path):

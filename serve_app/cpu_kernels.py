@@ -1,11 +1,12 @@
 """oneDNN linear layers with weights packed once at load, for fp32 encoders on the CPU.
 
 A ViT's forward pass is almost all linear layers. PyTorch runs an fp32 `nn.Linear` on the CPU through MKL's
-sgemm, which repacks the weight on every call and, on AMD CPUs, does not take its AVX-512 path; on the
-2-core EPYC of BENCHMARKS.md a short text's pass was 2.1x and a single image's 1.5x slower than oneDNN's
-linear on a weight reordered once into oneDNN's blocked layout (what torch.compile's CPU backend uses for
-frozen weights; "oneDNN linear layers with packed weights"). The arithmetic is the same fp32 in another
-summation order: unit vectors agree with open_clip's to ~1e-7.
+sgemm; on the 2-core AMD EPYC of BENCHMARKS.md oneDNN's linear on a weight reordered once into its blocked
+layout was 1.2-3.7x faster per layer (`serve_app/bench/experiments/linear_kernels.py`; torch.compile's CPU
+backend emits it for bf16 weights, and packs fp32 ones for MKL, no faster here), and the whole model 2.0x for
+a short text and 1.4-1.6x for a single image ("oneDNN linear layers with packed weights"). The arithmetic is
+the same fp32 in another summation order: unit vectors agree with open_clip's within 1e-6
+(tests/test_cpu_kernels.py).
 
 Only open_clip's own `Transformer` blocks are rewritten (the layers that carry the FLOPs): their MLP linears
 (with GELU fused into the first when it is plain `nn.GELU`) and their self-attention's two projections.

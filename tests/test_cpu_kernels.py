@@ -10,7 +10,7 @@ from torch import nn
 
 from serve_app import cpu_kernels
 from serve_app.config import ModelSpec
-from serve_app.cpu_kernels import PackedLinear, PackedSelfAttention, pack_transformer_linears
+from serve_app.cpu_kernels import PackedLinear, PackedSelfAttention, pack_transformer_linears, padded_rows
 from serve_app.encoder import EncoderCore
 from serve_app.modeling import encode_text
 
@@ -74,6 +74,29 @@ def test_quick_gelu_models_are_packed_without_fusing_the_activation(reference):
         tokens = tokenizer(CAPTIONS)
         torch.testing.assert_close(encode_text(packed, tokens), quick.encode_text(tokens, normalize=True),
                                    atol=1e-6, rtol=0)
+
+
+def test_row_counts_reach_onednn_in_few_sizes(monkeypatch):
+    """Every text length in every batch size would be a kernel and a buffer size of its own (heap growth)."""
+    assert [padded_rows(r) for r in (1, 10, 50, 64, 65, 127, 128, 129, 400, 1600, 4928)] == [
+        1, 10, 50, 64, 68, 128, 128, 136, 400, 1600, 5120]
+    assert all(r <= padded_rows(r) <= r * 1.0625 for r in range(1, 5000))
+    linear = nn.Linear(24, 40)
+    packed = PackedLinear.of(linear)
+    seen = set()
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def spy(x, *args):
+        seen.add(x.shape[0])
+        return real(x, *args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    with torch.inference_mode():
+        for batch in range(1, 9):
+            for length in range(1, 78):
+                x = torch.randn(batch, length, 24)
+                torch.testing.assert_close(packed(x), linear(x), atol=1e-5, rtol=1e-5)
+    assert len(seen) == len({padded_rows(b * n) for b in range(1, 9) for n in range(1, 78)}) < 64 + 16 * 4
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "float", "bool"])

@@ -55,6 +55,9 @@ def test_packing_replaces_the_layers_and_drops_the_dense_weights(reference):
             # open_clip still sees the dtype it reads (get_cast_dtype), without a second copy of the weights
             assert block.get_weight_dtype() == torch.float32 and block.mlp.c_fc.weight.is_meta
     assert not any(isinstance(m, nn.MultiheadAttention) for m in packed.modules())
+    # text row counts are rounded (every length x batch size), the image tower's (batch x tokens) kept exact
+    assert {m.round_rows for m in packed.visual.modules() if isinstance(m, PackedLinear)} == {False}
+    assert {m.round_rows for m in packed.transformer.modules() if isinstance(m, PackedLinear)} == {True}
     # the blocks' linear weights live only in their packed form now: their parameters are the layer norms'
     blocks = [m for m in packed.modules() if isinstance(m, open_clip.transformer.ResidualAttentionBlock)]
     left = [name for block in blocks for name, p in block.named_parameters() if not p.is_meta]

@@ -13,13 +13,9 @@ Only open_clip's own `Transformer` blocks are rewritten (the layers that carry t
 Timm or Hugging Face towers and cross-attention are left as they are. Inference only: no autograd.
 """
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-logger = logging.getLogger("ray.serve")
 
 # oneDNN chooses the blocked weight layout for this many rows; any row count runs on it (measured 1-1600).
 _ROWS_HINT = 32
@@ -139,9 +135,9 @@ def pack_transformer_linears(model: nn.Module) -> int:
     for block in model.modules():
         if not isinstance(block, ResidualAttentionBlock):
             continue
-        mlp = block.mlp
-        if type(mlp.c_fc) is nn.Linear and type(mlp.c_proj) is nn.Linear:
-            if type(mlp.gelu) is nn.GELU:
+        mlp = block.mlp  # open_clip's Sequential(c_fc, gelu, c_proj); anything else is left as it is
+        if type(getattr(mlp, "c_fc", None)) is nn.Linear and type(getattr(mlp, "c_proj", None)) is nn.Linear:
+            if type(getattr(mlp, "gelu", None)) is nn.GELU:
                 mlp.c_fc, mlp.gelu = PackedLinear.of(mlp.c_fc, gelu=mlp.gelu), nn.Identity()
             else:
                 mlp.c_fc = PackedLinear.of(mlp.c_fc)

@@ -99,8 +99,6 @@ class PackedSelfAttention(nn.Module):
     def __init__(self, attention: nn.MultiheadAttention) -> None:
         super().__init__()
         self.num_heads = attention.num_heads
-        self.embed_dim = attention.embed_dim
-        self.batch_first = True
         self.in_proj = PackedLinear(attention.in_proj_weight, attention.in_proj_bias)
         self.out_proj = PackedLinear.of(attention.out_proj)
 

@@ -60,7 +60,6 @@ class EncoderCore:
                 self.packed_blocks = cpu_kernels.pack_transformer_linears(self.model)
             else:
                 logger.warning("cpu_kernels=onednn: this torch build has no oneDNN packed linear; running eager")
-        self.kernels = "onednn" if self.packed_blocks else "eager"
         self.load_seconds = time.perf_counter() - started
         self.input_dtype = open_clip.get_input_dtype(self.precision) or torch.float32
         cfg = get_model_preprocess_cfg(self.model)
@@ -69,6 +68,11 @@ class EncoderCore:
         self.mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(cfg["std"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.context_length = int(self.model.context_length)
+
+    @property
+    def kernels(self) -> str:
+        """What the linear layers run on: `onednn` once blocks were packed, else open_clip's own (`eager`)."""
+        return "onednn" if self.packed_blocks else "eager"
 
     def check_pixels(self, pixels: torch.Tensor) -> None:
         expected = (3, *self.image_size)

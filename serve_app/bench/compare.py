@@ -146,8 +146,10 @@ def run_compare(settings: CompareSettings) -> dict[str, Any]:
     levels = [Level(concurrency=c) for c in settings.levels]
 
     _log(f"loading the bare model {settings.model} ({settings.threads} threads)")
-    # bare runs the model the way the service is told to (`--app-args '{"cpu_kernels": "eager"}'` reaches both)
-    kernels = settings.app_args.get("cpu_kernels", "onednn")
+    # bare runs the model with the kernels the service is configured with (`--app-args` reaches both)
+    from serve_app.config import AppArgs
+
+    kernels = AppArgs.model_validate(our_app_args(settings)).model_specs()[0].cpu_kernels
     bare = BareModel(model_spec(settings.model, settings.pretrained, settings.threads, cpu_kernels=kernels),
                      settings.bare)
     bare_runs = [bare.run(tuple(settings.modalities))]

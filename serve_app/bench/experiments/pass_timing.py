@@ -5,6 +5,7 @@
     python -m serve_app.bench.experiments.pass_timing --replica  # inside an idle Serve replica (production env)
     python -m serve_app.bench.experiments.pass_timing --cluster  # beside the idle service: running vs frozen
     python -m serve_app.bench.experiments.pass_timing --threads  # beside the idle service: 1 vs 2 torch threads
+    python -m serve_app.bench.experiments.pass_timing --sched-batch  # beside it: its threads SCHED_OTHER vs BATCH
 
 The same `EncoderCore.encode_images` (ViT-B-32, random weights, 2 threads) the served encoder runs, p50 of
 40 passes after 5 warm-up passes.
@@ -139,6 +140,44 @@ def cluster(rounds: int = 4) -> None:
                     os.kill(pid, signal.SIGCONT)
 
 
+def sched_batch(rounds: int = 3) -> None:
+    """Passes in this process (SCHED_OTHER) beside the idle one-process service, alternating its threads between
+    SCHED_OTHER (as Ray starts them) and SCHED_BATCH: a batch thread that wakes does not preempt a running one
+    (the kernel's wake-up preemption skips it), so are the service's wake-ups what preempts the passes?"""
+    import tempfile
+    from pathlib import Path
+
+    from serve_app.bench.payloads import make_payload
+    from serve_app.bench.servers import OurServer
+
+    def set_policy(pids: list[int], policy: int) -> int:
+        changed = 0
+        for pid in pids:
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                try:
+                    os.sched_setscheduler(int(task.name), policy, os.sched_param(0))
+                    changed += 1
+                except OSError:  # a thread that just ended
+                    pass
+        return changed
+
+    core = _core()
+    args = {"model": "ViT-B-32", "pretrained": "random", "served_model_name": "bench", "torch_threads": 2,
+            "layout": "one-process"}
+    with OurServer(Path(tempfile.mkdtemp(prefix="pass-timing-")), args) as server:
+        server.wait_ready(make_payload("text", model="bench"), 300)
+        time.sleep(5)  # start-up work settles
+        members = server.session_pids()
+        for round_ in range(rounds):
+            for name, policy in (("other", os.SCHED_OTHER), ("batch", os.SCHED_BATCH)):
+                changed = set_policy(members, policy)
+                text, image = {}, {}
+                text_ms, image_ms = _p50_ms(core, kind="text", switches=text), _p50_ms(core, passes=20, switches=image)
+                print(f"round {round_} service {name} ({changed} threads): text p50 {text_ms} ms "
+                      f"({text['involuntary']} involuntary switches/pass), image p50 {image_ms} ms "
+                      f"({image['involuntary']})", flush=True)
+
+
 def threads(rounds: int = 4) -> None:
     """Batch-1 passes on one torch thread against two, in this process beside the whole idle service and
     alone (the service stopped): does a single thread escape the wait at OpenMP barriers that the
@@ -177,6 +216,9 @@ def main(argv: list[str]) -> int:
         return 0
     if "--cluster" in argv:
         cluster()
+        return 0
+    if "--sched-batch" in argv:
+        sched_batch()
         return 0
     if "--replica" in argv:
         replica()

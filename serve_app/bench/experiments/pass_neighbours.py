@@ -63,10 +63,11 @@ def _probed_forward(self: Any, items: list[Any], forward: Any) -> Any:
 
 
 class ProbedIngress(_IngressDeployment.func_or_class):
-    """The service's ingress; importing this module in the replica swaps in the probed forward pass."""
+    """The service's ingress, whose in-process encoders run the probed forward pass."""
 
-
-ClipEncoder.func_or_class._forward_isolated = _probed_forward
+    async def __init__(self, *args: Any, **kwargs: Any) -> None:  # Serve's ingress wrapper has an async __init__
+        ClipEncoder.func_or_class._forward_isolated = _probed_forward  # this replica's process only
+        await super().__init__(*args, **kwargs)
 
 
 def build_app(args: Any) -> Any:

@@ -7,6 +7,7 @@ shut down at the end of the session.
 import base64
 import io
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app.bench.servers import _session_members
+from serve_app.bench.servers import signal_session
 from serve_app.dev_model import write_tiny_model
 from serve_app.ray_env import free_port, use_one_machine_env
 
@@ -134,23 +135,7 @@ def serve_url(tiny_model_dir: Path, second_model_dir: Path) -> Iterator[str]:
         # This session's Ray started every HAProxy of this process's session (`serve run` tests get sessions
         # of their own). Ray Serve reloads HAProxy by starting a new process; one was once left running
         # after a whole-suite run, holding its ports.
-        kill_leftovers(os.getsid(0), only="haproxy")
-
-
-def kill_leftovers(sid: int, only: str | None = None) -> list[int]:
-    """SIGKILL to the processes of session `sid` (those whose name is `only`, when given); their pids."""
-    import signal
-
-    killed = []
-    for pid in _session_members(sid):
-        try:
-            if pid == os.getpid() or (only and Path(f"/proc/{pid}/comm").read_text().strip() != only):
-                continue
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-        except (OSError, ProcessLookupError):  # gone meanwhile
-            pass
-    return killed
+        signal_session(os.getsid(0), signal.SIGKILL, name="haproxy")
 
 
 # ------------------------------------------------------------------ image helpers

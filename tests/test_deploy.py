@@ -13,10 +13,9 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.app import build_app
-from serve_app.bench.servers import _session_members
+from serve_app.bench.servers import _session_members, signal_session
 from serve_app.config import AppArgs
 from serve_app.ray_env import free_port, haproxy_ports, serve_env
-from tests.conftest import kill_leftovers
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "deploy").glob("*.yaml"))
@@ -101,7 +100,7 @@ def test_ray_serve_env_file_parses_and_names_the_serving_mode(tmp_path: Path):
         serve_env(bad)
 
 
-def test_kill_leftovers_stops_only_that_session_and_name():
+def test_signal_session_reaches_only_that_session_and_name():
     """The clean-up behind the `serve run` test and the session's Ray: SIGKILL by session id, by name."""
 
     def session_of(*commands: str) -> subprocess.Popen:
@@ -114,10 +113,10 @@ def test_kill_leftovers_stops_only_that_session_and_name():
     bystander = subprocess.Popen(["sleep", "60"])  # in this test's own session: never touched
     named, whole = session_of("sleep 60", "sleep 60"), session_of("sleep 60")
     try:
-        assert len(kill_leftovers(named.pid, only="sleep")) == 2
+        assert len(signal_session(named.pid, signal.SIGKILL, name="sleep")) == 2
         assert named.wait(timeout=10) == 0  # the shell's `wait` returned: both sleeps gone, the shell spared
         assert _session_members(named.pid) == []
-        assert len(kill_leftovers(whole.pid)) == 2  # the shell and its sleep
+        assert len(signal_session(whole.pid, signal.SIGKILL)) == 2  # the shell and its sleep
         assert whole.wait(timeout=10) == -signal.SIGKILL
         assert bystander.poll() is None
     finally:
@@ -167,5 +166,5 @@ def test_serve_run_with_the_dev_config(tmp_path: Path, tiny_model_dir: Path):
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             pass
-        kill_leftovers(process.pid)  # its own session: whatever outlived `serve run` (HAProxy, once)
+        signal_session(process.pid, signal.SIGKILL)  # its own session: whatever outlived `serve run` (HAProxy, once)
         process.wait()

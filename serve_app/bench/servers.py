@@ -35,6 +35,21 @@ def _session_members(sid: int) -> list[int]:
     return members
 
 
+def signal_session(sid: int, sig: int, name: str | None = None) -> list[int]:
+    """Sends `sig` to the processes of session `sid` (those whose name is `name`, when given), never to the
+    caller; returns their pids."""
+    sent = []
+    for pid in _session_members(sid):
+        try:
+            if pid == os.getpid() or (name and Path(f"/proc/{pid}/comm").read_text().strip() != name):
+                continue
+            os.kill(pid, sig)
+            sent.append(pid)
+        except OSError:  # gone meanwhile
+            pass
+    return sent
+
+
 class ManagedServer:
     """A server subprocess: start, wait until a real request succeeds, measure RSS, stop."""
 
@@ -111,14 +126,8 @@ class ManagedServer:
                 pass
         for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
             self.process.poll()  # reaps the leader if it has exited
-            left = _session_members(sid)
-            if not left:
+            if not signal_session(sid, sig):
                 break
-            for pid in left:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
             deadline = time.time() + wait
             while time.time() < deadline and _session_members(sid):
                 self.process.poll()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from serve_app.bench.experiments import build_app_with
+from serve_app.bench.experiments.pass_timing import SERVED_ONE_PROCESS
 from serve_app.encoder import ClipEncoder
 from serve_app.ingress import OpenAIIngress as _IngressDeployment
 
@@ -99,8 +100,7 @@ def main(argv: list[str]) -> int:
                else TextPayload(model="bench", distinct=128)).prepare()
     work = Path(tempfile.mkdtemp(prefix="pass-neighbours-"))
     watch, out = work / "watch", work / "out.json"
-    model = {"model": "ViT-B-32", "pretrained": "random", "served_model_name": "bench", "torch_threads": 2}
-    server = OurServer(work / "server", {"layout": "one-process", "models": [model]},
+    server = OurServer(work / "server", SERVED_ONE_PROCESS,
                        import_path="serve_app.bench.experiments.pass_neighbours:build_app",
                        env={WATCH_ENV: str(watch), OUT_ENV: str(out)})
     one_client = [Level(concurrency=1)]

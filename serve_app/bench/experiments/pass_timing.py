@@ -18,6 +18,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 
+# The service beside the passes: the same model, as `serve run` with production settings serves it.
+SERVED = {"model": "ViT-B-32", "pretrained": "random", "served_model_name": "bench", "torch_threads": 2}
+SERVED_ONE_PROCESS = {**SERVED, "layout": "one-process"}
+
+
 def _core():
     from serve_app.config import ModelSpec
     from serve_app.encoder import EncoderCore
@@ -123,8 +128,7 @@ def cluster(rounds: int = 4) -> None:
     from serve_app.bench.servers import OurServer
 
     core = _core()
-    args = {"model": "ViT-B-32", "pretrained": "random", "served_model_name": "bench", "torch_threads": 2}
-    with OurServer(Path(tempfile.mkdtemp(prefix="pass-timing-")), args) as server:
+    with OurServer(Path(tempfile.mkdtemp(prefix="pass-timing-")), SERVED) as server:
         server.wait_ready(make_payload("text", model="bench"), 300)
         time.sleep(5)  # start-up work settles
         members = server.session_pids()
@@ -162,9 +166,7 @@ def sched_batch(rounds: int = 3) -> None:
         return changed
 
     core = _core()
-    args = {"model": "ViT-B-32", "pretrained": "random", "served_model_name": "bench", "torch_threads": 2,
-            "layout": "one-process"}
-    with OurServer(Path(tempfile.mkdtemp(prefix="pass-timing-")), args) as server:
+    with OurServer(Path(tempfile.mkdtemp(prefix="pass-timing-")), SERVED_ONE_PROCESS) as server:
         server.wait_ready(make_payload("text", model="bench"), 300)
         time.sleep(5)  # start-up work settles
         members = server.session_pids()
@@ -199,9 +201,7 @@ def threads(rounds: int = 4) -> None:
                 print(f"{label:<15} {kind:<5} {n} thread(s): p50 {_p50_ms(core, kind=kind)} ms", flush=True)
         torch.set_num_threads(2)
 
-    args = {"model": "ViT-B-32", "pretrained": "random", "served_model_name": "bench", "torch_threads": 2,
-            "layout": "one-process"}
-    with OurServer(Path(tempfile.mkdtemp(prefix="pass-timing-")), args) as server:
+    with OurServer(Path(tempfile.mkdtemp(prefix="pass-timing-")), SERVED_ONE_PROCESS) as server:
         server.wait_ready(make_payload("text", model="bench"), 300)
         time.sleep(5)  # start-up work settles
         for _ in range(rounds):

@@ -11,17 +11,19 @@ every row count sent to oneDNN as it is). Prints the process's RSS after each lo
 
 import argparse
 import ctypes
+import os
 import random
 import subprocess
 import sys
 import time
 
+from serve_app.bench.report import process_rss
+
 VARIANTS = ("eager", "onednn", "onednn-unpadded")
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
+    return process_rss(os.getpid())[1] / 2**20
 
 
 def run_variant(variant: str, loops: int, count: int, max_batch: int) -> None:

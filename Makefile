@@ -4,21 +4,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEV_MODEL := .dev-model/tiny-clip
-# Ray's own settings for serving (Ray Serve's throughput mode behind HAProxy): see deploy/ray-serve.env.
-# On one machine no load balancer needs the 30 s drain of a stopping ingress replica: Ctrl-C then takes
-# ~8 s instead of ~33 s (BENCHMARKS.md, "Stopping").
-SERVE := env $(shell grep -E '^[A-Z_]+=' deploy/ray-serve.env) RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2 \
-	$(VENV)/bin/serve
+# Ray's environment comes from deploy/*.env through one reader (serve_app/ray_env.py): the serving env on
+# every box, plus the small-CPU tuning on CPU-only ones.
+SERVE_CPU := $(PY) -m serve_app.ray_env --small-cpu -- $(VENV)/bin/serve
+SERVE_GPU := $(PY) -m serve_app.ray_env -- $(VENV)/bin/serve
 
 .PHONY: install fetch-vitg serve serve-dev serve-gpu test clean
 
 install: $(STAMP)
 
 # Everything comes from the package registry (torch/torchvision from this machine's pip cache/disk when present).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 # Fetches the default ViT-g/14 into the Hugging Face cache first, so that no network fails fast and clearly.
@@ -29,15 +28,15 @@ fetch-vitg: install
 
 # Serves the default ViT-g/14 on the CPU (fp32), or on a GPU (bf16).
 serve: fetch-vitg
-	$(SERVE) run deploy/local-cpu.yaml
+	$(SERVE_CPU) run deploy/local-cpu.yaml
 
 serve-gpu: fetch-vitg
-	$(SERVE) run deploy/local-gpu.yaml
+	$(SERVE_GPU) run deploy/local-gpu.yaml
 
 # A tiny random model written on the fly: fully offline, for trying the API.
 serve-dev: install
 	test -f $(DEV_MODEL)/open_clip_config.json || $(PY) -m serve_app.dev_model $(DEV_MODEL)
-	$(SERVE) run deploy/dev.yaml
+	$(SERVE_CPU) run deploy/dev.yaml
 
 test: install
 	$(PY) -m pytest -q

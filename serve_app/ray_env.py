@@ -1,20 +1,28 @@
-"""The environment Ray's own processes need to serve this app (`deploy/ray-serve.env`).
+"""The environment Ray's own processes need to serve this app: the one reader of `deploy/*.env`.
 
-Ray reads these variables when its processes start, so they belong to whoever starts Ray (`make serve*`,
-the KubeRay pod spec, the tests, `clip-bench`), not to a Serve config. This module is for the Python
-launchers in this repository; the Makefile reads the same file.
+Ray reads these variables when its processes start, so they belong to whoever starts Ray, not to a Serve
+config. Two files:
+- `deploy/ray-serve.env`: every serving node (throughput mode, HAProxy), GPU boxes and KubeRay pods included;
+- `deploy/ray-small-cpu.env`: added on small CPU-only machines (`make serve`, `make serve-dev`, the tests,
+  the CPU benchmarks), never on GPU nodes.
+
+The Makefile starts `serve` through this module's launcher (`python -m serve_app.ray_env [--small-cpu] -- CMD`);
+the tests and `clip-bench` call `use_ray_env` before they import Ray.
 """
 
+import argparse
 import os
 import random
 import socket
 from collections.abc import MutableMapping
 from pathlib import Path
 
-ENV_FILE = Path(__file__).resolve().parents[1] / "deploy" / "ray-serve.env"
+DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
+SERVING_ENV_FILE = DEPLOY_DIR / "ray-serve.env"
+SMALL_CPU_ENV_FILE = DEPLOY_DIR / "ray-small-cpu.env"
 
-# For a Ray instance alone on one machine (make serve*, tests, benchmarks): no load balancer needs the 30 s
-# drain of a stopping ingress replica, so stopping takes seconds. The Makefile sets the same.
+# For a Ray instance alone on one machine (`serve run` on a box, tests, benchmarks): no load balancer needs
+# the 30 s drain of a stopping ingress replica, so stopping takes seconds. KubeRay pods keep Ray's default.
 ONE_MACHINE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 # HAProxy binds these on every Ray node; a second Ray instance on the same machine (tests, benchmarks)
@@ -22,8 +30,8 @@ ONE_MACHINE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 HAPROXY_NODE_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
 
 
-def serve_env(path: Path = ENV_FILE) -> dict[str, str]:
-    """KEY=VALUE lines of the env file; comments and blank lines skipped."""
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of an env file; comments and blank lines skipped."""
     env = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.strip()
@@ -34,6 +42,22 @@ def serve_env(path: Path = ENV_FILE) -> dict[str, str]:
             raise ValueError(f"{path}:{number}: expected KEY=VALUE, got {line!r}")
         env[key.strip()] = value.strip()
     return env
+
+
+def serve_env(path: Path = SERVING_ENV_FILE) -> dict[str, str]:
+    """What every serving node runs with (deploy/ray-serve.env)."""
+    return read_env_file(path)
+
+
+def small_cpu_env() -> dict[str, str]:
+    """The small-CPU tuning (deploy/ray-small-cpu.env), for CPU-only machines only."""
+    return read_env_file(SMALL_CPU_ENV_FILE)
+
+
+def one_machine_env(small_cpu: bool = True) -> dict[str, str]:
+    """What a Ray instance alone on one machine runs with: the serving env, the small-CPU tuning unless
+    `small_cpu=False` (a GPU box), and ONE_MACHINE_ENV."""
+    return {**serve_env(), **(small_cpu_env() if small_cpu else {}), **ONE_MACHINE_ENV}
 
 
 # Below Linux's ephemeral range (32768-60999 by default) and above Ray's worker ports (10002-19999): a port
@@ -62,13 +86,30 @@ def haproxy_ports() -> dict[str, str]:
     return {name: str(port) for name, port in zip(HAPROXY_NODE_PORTS, sorted(ports))}
 
 
-def one_machine_env() -> dict[str, str]:
-    """What a Ray instance alone on one machine runs with: deploy/ray-serve.env plus ONE_MACHINE_ENV."""
-    return {**serve_env(), **ONE_MACHINE_ENV}
-
-
-def use_one_machine_env(environ: MutableMapping[str, str] = os.environ) -> None:
+def use_one_machine_env(environ: MutableMapping[str, str] = os.environ, small_cpu: bool = True) -> None:
     """`one_machine_env()` and free HAProxy ports, for a Ray started in this process; what `environ`
     already sets wins. Call it before Ray is imported: Ray reads these at import."""
-    for key, value in {**one_machine_env(), **haproxy_ports()}.items():
+    for key, value in {**one_machine_env(small_cpu), **haproxy_ports()}.items():
         environ.setdefault(key, value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m serve_app.ray_env [--small-cpu] -- serve run deploy/dev.yaml`: runs the command with the
+    one-machine Ray environment (what the caller's environment already sets wins)."""
+    parser = argparse.ArgumentParser(prog="python -m serve_app.ray_env", description=main.__doc__)
+    parser.add_argument("--small-cpu", action="store_true", help="add deploy/ray-small-cpu.env (CPU-only boxes)")
+    parser.add_argument("--print", action="store_true", help="print KEY=VALUE lines instead of running a command")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
+    args = parser.parse_args(argv)
+    env = one_machine_env(args.small_cpu)
+    if args.print:
+        print("\n".join(f"{key}={value}" for key, value in env.items()))
+        return
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command given (use -- CMD ARGS, or --print)")
+    os.execvpe(command[0], command, {**env, **os.environ})
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,7 @@ from serve_app.encoder import ClipEncoder
 from serve_app.ingress import OpenAIIngress
 from serve_app.preprocess import Preprocessor
 from tests.conftest import TINY_NAME, app_args, deploy_config, driver_handle
-from tests.test_api import assert_error, post
+from tests.integration.test_api import assert_error, post
 
 # Workers cannot import this test module: ship its classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from serve_app.protocol import EmbeddingResponse, ErrorResponse, HealthResponse, ModelList
 from tests.conftest import SECOND_NAME, TINY_NAME, b64, data_uri, encode, random_image
-from tests.test_preprocess import png_header_only
+from tests.unit.test_preprocess import png_header_only
 
 MIN_COSINE = 0.9999
 

@@ -16,8 +16,8 @@ from serve_app.app import build_app
 from serve_app.config import AppArgs, ImageLimits, ZeroShotSettings
 from serve_app.ingress import OpenAIIngress
 from tests.conftest import TINY_NAME, b64, data_uri, driver_handle, encode, random_image
-from tests.test_api import JPEG, PNG_RGBA, assert_error, assert_same, expected_image, expected_text, post, vectors
-from tests.test_faults import FaultyEncoder, assert_three_failures_fail_the_health_check
+from tests.integration.test_api import JPEG, PNG_RGBA, assert_error, assert_same, expected_image, expected_text, post, vectors
+from tests.integration.test_faults import FaultyEncoder, assert_three_failures_fail_the_health_check
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

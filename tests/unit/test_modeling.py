@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 

@@ -47,7 +47,7 @@ print(json.dumps({"rows": rows, "workers_before": before, "workers_after": openm
 
 def test_one_process_layout_keeps_one_openmp_team(tiny_model_dir: Path):
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_model_dir)], capture_output=True, text=True,
-                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+                          timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["rows"] == [1000, 8]

@@ -1,4 +1,4 @@
-"""The Serve config files in deploy/ are valid, build through `build_app`, and `serve run` serves one."""
+"""`serve run` of a deploy/ config, as `make serve-dev` starts it, and the clean-up of what it started."""
 
 import os
 import signal
@@ -10,38 +10,11 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from ray.serve.schema import ServeDeploySchema
 
-from serve_app.app import build_app
 from serve_app.bench.servers import _session_members, signal_session
-from serve_app.config import AppArgs
-from serve_app.ray_env import free_port, haproxy_ports, serve_env
+from serve_app.ray_env import free_port, haproxy_ports, one_machine_env, serve_env, small_cpu_env
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = sorted((ROOT / "deploy").glob("*.yaml"))
-
-
-def test_there_are_configs_for_cpu_gpu_and_dev():
-    assert {"dev.yaml", "local-cpu.yaml", "local-gpu.yaml"} <= {c.name for c in CONFIGS}
-
-
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_config_is_a_valid_serve_config_through_build_app(path: Path):
-    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
-    for application in schema.applications:
-        assert application.import_path == "serve_app.app:build_app"
-        args = AppArgs.model_validate(application.args)
-        app = build_app(args)
-        assert type(app).__name__ == "Application"
-
-
-def test_gpu_config_asks_for_a_gpu_per_encoder_and_cpu_ones_do_not():
-    def encoder_gpus(name: str) -> float:
-        args = AppArgs.model_validate(yaml.safe_load((ROOT / "deploy" / name).read_text())["applications"][0]["args"])
-        return args.model_specs()[0].encoder_gpus
-
-    assert encoder_gpus("local-gpu.yaml") == 1
-    assert encoder_gpus("local-cpu.yaml") == 0 and encoder_gpus("dev.yaml") == 0
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def listener_names(port: int) -> set[str]:
@@ -91,15 +64,6 @@ def replica_env(sid: int, deployment: str, key: str, timeout_s: float = 30.0) ->
         time.sleep(1)
 
 
-def test_ray_serve_env_file_parses_and_names_the_serving_mode(tmp_path: Path):
-    env = serve_env()
-    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
-    bad = tmp_path / "bad.env"
-    bad.write_text("# comment\nRAY_SERVE_THROUGHPUT_OPTIMIZED\n")
-    with pytest.raises(ValueError, match="bad.env:2: expected KEY=VALUE"):
-        serve_env(bad)
-
-
 def test_signal_session_reaches_only_that_session_and_name():
     """The clean-up behind the `serve run` test and the session's Ray: SIGKILL by session id, by name."""
 
@@ -134,11 +98,14 @@ def test_serve_run_with_the_dev_config(tmp_path: Path, tiny_model_dir: Path):
     path = tmp_path / "dev.yaml"
     path.write_text(yaml.safe_dump(config))
     serve = Path(sys.executable).parent / "serve"
-    # its own HAProxy ports: the session's Ray instance holds the ones the tests' environment names
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **haproxy_ports()}
+    # Ray's environment from the launcher alone (not the tests' own), and HAProxy ports of its own: the
+    # session's Ray instance holds the ones the tests' environment names
+    env = {k: v for k, v in os.environ.items() if k not in one_machine_env()}
+    env.update({"RAY_USAGE_STATS_ENABLED": "0", **haproxy_ports()})
+    launcher = [sys.executable, "-m", "serve_app.ray_env", "--small-cpu", "--"]  # as `make serve-dev`
     with open(tmp_path / "serve.log", "wb") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(
-            [str(serve), "run", "--address", "local", str(path)], cwd=ROOT, env=env,
+            [*launcher, str(serve), "run", "--address", "local", str(path)], cwd=ROOT, env=env,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
@@ -156,10 +123,10 @@ def test_serve_run_with_the_dev_config(tmp_path: Path, tiny_model_dir: Path):
             pytest.fail("serve run did not become healthy in 180 s")
         response = requests.post(url + "/v1/embeddings", json={"input": "hello", "model": "tiny-clip"}, timeout=30)
         assert response.status_code == 200 and len(response.json()["data"][0]["embedding"]) == 32
-        # deploy/ray-serve.env is in effect: HAProxy, not Serve's Python proxy, holds the HTTP port, and the
-        # replicas that run torch see its OpenMP settings
-        assert listener_names(port) == {"haproxy"}
-        assert replica_env(process.pid, "ClipEncoder", "GOMP_SPINCOUNT") == serve_env()["GOMP_SPINCOUNT"]
+        # deploy/ray-serve.env is in effect: HAProxy, not Serve's Python proxy, holds the HTTP port; and so is
+        # deploy/ray-small-cpu.env: the replicas that run torch see its OpenMP settings
+        assert serve_env()["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and listener_names(port) == {"haproxy"}
+        assert replica_env(process.pid, "ClipEncoder", "GOMP_SPINCOUNT") == small_cpu_env()["GOMP_SPINCOUNT"]
     finally:
         process.send_signal(signal.SIGINT)
         try:

@@ -1,0 +1,38 @@
+"""`build_app` builds every Serve config in deploy/; GPU configs ask for GPUs and CPU ones do not."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.app import build_app
+from serve_app.config import AppArgs
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "deploy").glob("*.yaml"))
+
+
+def test_there_are_configs_for_cpu_gpu_and_dev():
+    assert {"dev.yaml", "local-cpu.yaml", "local-gpu.yaml"} <= {c.name for c in CONFIGS}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_is_a_valid_serve_config_through_build_app(path: Path):
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    for application in schema.applications:
+        assert application.import_path == "serve_app.app:build_app"
+        args = AppArgs.model_validate(application.args)
+        app = build_app(args)
+        assert type(app).__name__ == "Application"
+
+
+def test_gpu_config_asks_for_a_gpu_per_encoder_and_cpu_ones_do_not():
+    def encoder_gpus(name: str) -> float:
+        args = AppArgs.model_validate(yaml.safe_load((ROOT / "deploy" / name).read_text())["applications"][0]["args"])
+        return args.model_specs()[0].encoder_gpus
+
+    assert encoder_gpus("local-gpu.yaml") == 1
+    assert encoder_gpus("local-cpu.yaml") == 0 and encoder_gpus("dev.yaml") == 0
+
+

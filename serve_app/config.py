@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 DEFAULT_MODEL = "hf-hub:laion/CLIP-ViT-g-14-laion2B-s34B-b88K"
 
@@ -65,14 +65,17 @@ class PoolSettings(StrictModel):
 
 
 class BatchSettings(StrictModel):
-    """Dynamic batching of one encoder; changeable at run time through `user_config`."""
+    """Dynamic batching of one encoder; changeable at run time through `user_config`. These are the only
+    defaults: the encoder's `@serve.batch` decorators and every config start from them.
 
-    max_batch_size: int = Field(default=32, ge=1, le=4096)
-    # No wait by default: while a forward pass runs the encoder holds new calls back and lets them in together,
-    # so batches fill under load without a wait, and an idle encoder starts at once (a wait only adds
-    # latency then: BENCHMARKS.md, "Batch wait 0 against 2 ms, on one server").
+    No wait by default, on CPUs and GPUs alike: while a forward pass runs the encoder holds new calls back and
+    lets them in together (serve_app/pass_gate.py), so batches fill under load without a wait, and an idle
+    encoder starts at once; a wait would only add latency (BENCHMARKS.md, "No batch wait").
+    """
+
+    max_batch_size: int = Field(default=32, ge=1, le=4096, description="images per forward pass")
     batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=10.0)
-    text_max_batch_size: int = Field(default=64, ge=1, le=4096)
+    text_max_batch_size: int = Field(default=64, ge=1, le=4096, description="texts per forward pass")
     text_batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=10.0)
     # After a pass, wait for the callers it answered to come back (closed-loop clients) for at most this
     # fraction of the pass's duration, and no longer once arrivals pause for `refill_gap_s`; 0 turns it off.
@@ -81,8 +84,33 @@ class BatchSettings(StrictModel):
     refill_gap_s: float = Field(default=0.01, ge=0.0, le=10.0)
 
 
-def _default_encoder_pool() -> PoolSettings:
-    return PoolSettings(num_replicas=1, max_ongoing_requests=256, num_cpus=1)
+# Each pool's defaults, in one place. A user's pool settings are merged over these key by key
+# (`merge_pool`): `preprocessor: {num_replicas: 4}` keeps the pool's `max_ongoing_requests` and CPUs.
+# Queues hold whole requests: `max_ongoing_requests` must let enough of them reach a replica for its batches to
+# fill (Ray's own default, 5, would cap a `@serve.batch` queue at 5 calls).
+POOL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "encoder": {"num_replicas": 1, "max_ongoing_requests": 256, "num_cpus": 1},
+    "preprocessor": {"num_replicas": 1, "max_ongoing_requests": 64, "num_cpus": 0.5},
+    "ingress": {"num_replicas": 1, "max_ongoing_requests": 256, "num_cpus": 0.25},
+}
+
+
+def merge_pool(pool: str, user: Any) -> Any:
+    """The user's keys of one pool over its defaults. A replica count and an autoscaling config exclude each
+    other: whichever the user sets replaces the other default."""
+    if user is None:
+        user = {}
+    elif isinstance(user, PoolSettings):
+        user = user.model_dump(exclude_unset=True)
+    elif not isinstance(user, dict):
+        return user  # not a mapping: validation says what is wrong with it
+    merged = dict(POOL_DEFAULTS[pool])
+    if user.get("autoscaling_config") is not None:
+        merged.pop("num_replicas", None)
+    if user.get("num_replicas") not in (None, "auto"):
+        merged.pop("autoscaling_config", None)
+    merged.update(user)
+    return merged
 
 
 class ModelSpec(StrictModel):
@@ -100,8 +128,13 @@ class ModelSpec(StrictModel):
         "(serve_app/cpu_kernels.py); eager leaves open_clip's modules as they are",
     )
     batching: BatchSettings = Field(default_factory=BatchSettings)
-    encoder: PoolSettings = Field(default_factory=_default_encoder_pool)
+    encoder: PoolSettings = Field(default_factory=lambda: PoolSettings(**POOL_DEFAULTS["encoder"]))
     health_max_age_s: float = Field(default=30.0, gt=0, description="/health probes an encoder idle longer")
+
+    @field_validator("encoder", mode="before")
+    @classmethod
+    def _encoder_defaults(cls, encoder: Any) -> Any:
+        return merge_pool("encoder", encoder)
 
     @field_validator("model")
     @classmethod
@@ -181,12 +214,8 @@ class AppArgs(StrictModel):
     # several models
     models: list[ModelSpec] | None = None
     # shared pools and limits
-    preprocessor: PoolSettings = Field(
-        default_factory=lambda: PoolSettings(num_replicas=1, max_ongoing_requests=64, num_cpus=0.5)
-    )
-    ingress: PoolSettings = Field(
-        default_factory=lambda: PoolSettings(num_replicas=1, max_ongoing_requests=256, num_cpus=0.25)
-    )
+    preprocessor: PoolSettings = Field(default_factory=lambda: PoolSettings(**POOL_DEFAULTS["preprocessor"]))
+    ingress: PoolSettings = Field(default_factory=lambda: PoolSettings(**POOL_DEFAULTS["ingress"]))
     layout: Layout = Field(
         default="pools",
         description="pools: ingress, preprocessor and encoder deployments (GPUs, clusters); one-process: all "
@@ -195,6 +224,11 @@ class AppArgs(StrictModel):
     max_inputs_per_request: int = Field(default=2048, ge=1)
     image_limits: ImageLimits = Field(default_factory=ImageLimits)
     zero_shot: ZeroShotSettings = Field(default_factory=lambda: ZeroShotSettings())
+
+    @field_validator("preprocessor", "ingress", mode="before")
+    @classmethod
+    def _pool_defaults(cls, pool: Any, info: ValidationInfo) -> Any:
+        return merge_pool(info.field_name, pool)
 
     def model_specs(self) -> list[ModelSpec]:
         if self.models:

@@ -28,6 +28,8 @@ logger = logging.getLogger("ray.serve")
 # unhealthy so that Ray Serve replaces it.
 MAX_CONSECUTIVE_FAILURES = 3
 
+_BATCHING = BatchSettings()
+
 
 @dataclass
 class _Rows:
@@ -95,7 +97,8 @@ class EncoderCore:
         return encode_text(self.model, tokens.to(self.device, dtype=torch.long)).float().cpu().numpy()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
+# Ray options come from the pool settings (serve_app/config.py, POOL_DEFAULTS), applied by build_app.
+@serve.deployment
 class ClipEncoder:
     def __init__(self, spec: ModelSpec) -> None:
         self._spec = spec
@@ -104,8 +107,7 @@ class ClipEncoder:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         # Loading and warm-up run there too, so that all of the model's CPU work has one OpenMP team: libgomp
         # gives each thread that starts a parallel region a team of its own, and once a process holds more
-        # OpenMP threads than cores, every team sleeps at its barriers instead of spinning (BENCHMARKS.md,
-        # "One OpenMP team per process": ~50 futex sleeps per text pass, 15-58 % slower on 2 cores).
+        # OpenMP threads than cores, every team sleeps at its barriers instead of spinning (serve_app/openmp.py).
         self._core = self._worker.submit(EncoderCore, spec).result()
         # Calls wait here while a pass runs, and after it until its callers are back (serve_app/pass_gate.py).
         self._gate = PassGate(self._batching.refill_wait_fraction, self._batching.refill_gap_s,
@@ -197,11 +199,14 @@ class ClipEncoder:
                 raise result
         return results[0] if len(results) == 1 else np.concatenate(results)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_count_rows)
+    # Batching defaults live in BatchSettings; `reconfigure` applies the configured ones before any call.
+    @serve.batch(max_batch_size=_BATCHING.max_batch_size, batch_wait_timeout_s=_BATCHING.batch_wait_timeout_s,
+                 batch_size_fn=_count_rows)
     async def _image_batch(self, items: list[_Rows]) -> list[np.ndarray | ServeAppError]:
         return await self._run_batch("image", items, self._core.encode_images, self._batching.max_batch_size)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_count_rows)
+    @serve.batch(max_batch_size=_BATCHING.text_max_batch_size,
+                 batch_wait_timeout_s=_BATCHING.text_batch_wait_timeout_s, batch_size_fn=_count_rows)
     async def _text_batch(self, items: list[_Rows]) -> list[np.ndarray | ServeAppError]:
         return await self._run_batch("text", items, self._core.encode_texts, self._batching.text_max_batch_size)
 

@@ -143,7 +143,8 @@ class EveryRequest:
 app.add_middleware(EveryRequest)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)
+# Ray options come from the pool settings (serve_app/config.py, POOL_DEFAULTS), applied by build_app.
+@serve.deployment
 @serve.ingress(app)
 class OpenAIIngress:
     def __init__(

@@ -4,8 +4,8 @@ parallel.
 libgomp (torch's OpenMP on Linux) gives every thread that starts a parallel region a team of worker threads
 of its own, kept until that thread exits. Once a process holds more OpenMP threads than it has cores, libgomp
 makes every team sleep at its barriers instead of spinning (its "throttled" spin count), and each forward pass
-then waits on some fifty futex wake-ups: on 2 cores a short text's pass took 15-58 % longer (BENCHMARKS.md,
-"One OpenMP team per process"). Loading the model on the forward thread (ClipEncoder) and keeping every other
+then waits on futex wake-ups instead of spinning through them (BENCHMARKS.md, "One OpenMP team per
+process"). Loading the model on the forward thread (ClipEncoder) and keeping every other
 thread that touches torch to one thread (this module) leaves one team.
 """
 

@@ -57,7 +57,8 @@ class ModelPreprocessing:
         return TokenBatch(tokens=tokens, token_counts=[int(c) for c in counts])
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1})
+# Ray options come from the pool settings (serve_app/config.py, POOL_DEFAULTS), applied by build_app.
+@serve.deployment
 class Preprocessor:
     def __init__(self, models: list[ModelSpec], limits: ImageLimits) -> None:
         Image.MAX_IMAGE_PIXELS = limits.max_image_pixels  # Pillow's own guard agrees with ours

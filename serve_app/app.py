@@ -23,7 +23,8 @@ def build_app(args: AppArgs) -> Application:
     if args.layout == "one-process":
         (spec,) = specs
         return OpenAIIngress.options(user_config=spec.batching.model_dump(), **spec.encoder_options).bind(
-            None, None, [_constructor_spec(spec)], args.max_inputs_per_request, args.zero_shot, args.image_limits
+            None, None, [_constructor_spec(spec)], args.max_inputs_per_request, args.zero_shot, args.image_limits,
+            args.request_timeout_s,
         )
     encoders: dict[str, Any] = {}
     for spec in specs:
@@ -34,7 +35,7 @@ def build_app(args: AppArgs) -> Application:
         ).bind(_constructor_spec(spec))
     preprocessor = Preprocessor.options(**args.preprocessor.deployment_options()).bind(specs, args.image_limits)
     return OpenAIIngress.options(**args.ingress.deployment_options()).bind(
-        preprocessor, encoders, specs, args.max_inputs_per_request, args.zero_shot
+        preprocessor, encoders, specs, args.max_inputs_per_request, args.zero_shot, None, args.request_timeout_s
     )
 
 

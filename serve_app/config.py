@@ -1,7 +1,8 @@
 """Configuration enters once: the YAML/CLI `args` of `build_app`, validated by these models.
 
-Per-pool settings (replicas or Ray's `autoscaling_config`, CPUs, GPUs, `max_ongoing_requests`) sit in one
-`PoolSettings` per deployment so that autoscaling can be tuned per pool without touching code.
+Per-pool settings (replicas or Ray's `autoscaling_config`, CPUs, GPUs, queue bounds and back-pressure) sit in
+one `PoolSettings` per deployment, merged over that pool's defaults (`POOL_DEFAULTS`, `AUTOSCALING_DEFAULTS`), so
+that a pool can be tuned without touching code.
 """
 
 import re
@@ -30,7 +31,12 @@ class PoolSettings(StrictModel):
     num_replicas: int | Literal["auto"] | None = None
     autoscaling_config: dict[str, Any] | None = None
     max_ongoing_requests: int | None = None
-    max_queued_requests: int | None = None
+    max_queued_requests: int | None = Field(
+        default=None, description="calls waiting at the callers' handles beyond which Ray rejects new ones (-1: no bound)"
+    )
+    backpressure_config: dict[str, Any] | None = Field(
+        default=None, description="Ray's answer to a rejected call: {status_code: 429|503, retry_after_s}"
+    )
     num_cpus: float | None = None
     num_gpus: float | None = None
     memory: int | None = Field(default=None, description="bytes reserved per replica (Ray resource)")
@@ -43,7 +49,7 @@ class PoolSettings(StrictModel):
             options["autoscaling_config"] = self.autoscaling_config
         if self.num_replicas is not None:
             options["num_replicas"] = self.num_replicas
-        for key in ("max_ongoing_requests", "max_queued_requests"):
+        for key in ("max_ongoing_requests", "max_queued_requests", "backpressure_config"):
             value = getattr(self, key)
             if value is not None:
                 options[key] = value
@@ -86,18 +92,47 @@ class BatchSettings(StrictModel):
 
 # Each pool's defaults, in one place. A user's pool settings are merged over these key by key
 # (`merge_pool`): `preprocessor: {num_replicas: 4}` keeps the pool's `max_ongoing_requests` and CPUs.
-# Queues hold whole requests: `max_ongoing_requests` must let enough of them reach a replica for its batches to
-# fill (Ray's own default, 5, would cap a `@serve.batch` queue at 5 calls).
+# - `max_ongoing_requests` counts whole requests: it must let enough of them reach a replica for its batches to
+#   fill (Ray's own default, 5, would cap a `@serve.batch` queue at 5 calls).
+# - `max_queued_requests` bounds the calls waiting at the callers' handles once every replica holds
+#   `max_ongoing_requests`; beyond it Ray rejects at once, and the client gets 429 with `Retry-After`
+#   (`backpressure_config`) instead of a queue that grows without limit.
+_REJECT_WITH_429 = {"status_code": 429, "retry_after_s": 1}
 POOL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "encoder": {"num_replicas": 1, "max_ongoing_requests": 256, "num_cpus": 1},
-    "preprocessor": {"num_replicas": 1, "max_ongoing_requests": 64, "num_cpus": 0.5},
-    "ingress": {"num_replicas": 1, "max_ongoing_requests": 256, "num_cpus": 0.25},
+    "encoder": {"num_replicas": 1, "max_ongoing_requests": 256, "max_queued_requests": 256,
+                "backpressure_config": _REJECT_WITH_429, "num_cpus": 1},
+    "preprocessor": {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 256,
+                     "backpressure_config": _REJECT_WITH_429, "num_cpus": 0.5},
+    "ingress": {"num_replicas": 1, "max_ongoing_requests": 256, "max_queued_requests": 512,
+                "backpressure_config": _REJECT_WITH_429, "num_cpus": 0.25},
+}
+
+# What a pool's `autoscaling_config` (or `num_replicas: auto`) starts from; the user's keys win. Ray's own
+# defaults fill the rest (min_replicas 1, max_replicas 1 unless set).
+# - encoder: the queue-depth policy (serve_app/autoscaling.py) on the work waiting in full batches; replicas
+#   report every 2 s and Ray averages over 6 s; it adds capacity after 5 s of backlog and removes it after
+#   60 s without (a GPU replica takes long to load, so it is not given back at the first lull).
+# - preprocessor and ingress: Ray's request-count policy. A preprocessing replica decodes a few images at a
+#   time (its CPUs), so a handful of requests in flight each is its working point; the ingress only parses
+#   and awaits, so it carries many.
+AUTOSCALING_DEFAULTS: dict[str, dict[str, Any]] = {
+    "encoder": {
+        "policy": {"policy_function": "serve_app.autoscaling:QueueDepthPolicy",
+                   "policy_kwargs": {"target_fill": 1.0, "hysteresis": 0.25}},
+        "metrics_interval_s": 2.0, "look_back_period_s": 6.0, "upscale_delay_s": 5.0, "downscale_delay_s": 60.0,
+    },
+    "preprocessor": {"target_ongoing_requests": 4, "metrics_interval_s": 2.0, "look_back_period_s": 6.0,
+                     "upscale_delay_s": 5.0, "downscale_delay_s": 60.0},
+    "ingress": {"target_ongoing_requests": 64, "metrics_interval_s": 2.0, "look_back_period_s": 6.0,
+                "upscale_delay_s": 5.0, "downscale_delay_s": 60.0},
 }
 
 
 def merge_pool(pool: str, user: Any) -> Any:
-    """The user's keys of one pool over its defaults. A replica count and an autoscaling config exclude each
-    other: whichever the user sets replaces the other default."""
+    """The user's keys of one pool over its defaults, `backpressure_config` and `autoscaling_config` merged one
+    level deeper. A replica count and an autoscaling config exclude each other: whichever the user sets
+    replaces the other default. A user's `policy` without `policy_function` tunes the default policy's kwargs;
+    with one, it replaces the default policy (Ray's own: `ray.serve.autoscaling_policy:default_autoscaling_policy`)."""
     if user is None:
         user = {}
     elif isinstance(user, PoolSettings):
@@ -105,11 +140,27 @@ def merge_pool(pool: str, user: Any) -> Any:
     elif not isinstance(user, dict):
         return user  # not a mapping: validation says what is wrong with it
     merged = dict(POOL_DEFAULTS[pool])
-    if user.get("autoscaling_config") is not None:
+    autoscaling = user.get("autoscaling_config")
+    if autoscaling is not None or user.get("num_replicas") == "auto":
         merged.pop("num_replicas", None)
-    if user.get("num_replicas") not in (None, "auto"):
-        merged.pop("autoscaling_config", None)
+        if isinstance(autoscaling, dict) or autoscaling is None:
+            user = {**user, "autoscaling_config": _merge_autoscaling(pool, autoscaling or {})}
+    if isinstance(user.get("backpressure_config"), dict):
+        user = {**user, "backpressure_config": {**merged["backpressure_config"], **user["backpressure_config"]}}
     merged.update(user)
+    return merged
+
+
+def _merge_autoscaling(pool: str, user: dict[str, Any]) -> dict[str, Any]:
+    defaults = AUTOSCALING_DEFAULTS[pool]
+    merged = {**defaults, **user}
+    policy = user.get("policy")
+    if "policy" in defaults and isinstance(policy, dict) and "policy_function" not in policy:
+        default_policy = defaults["policy"]
+        merged["policy"] = {
+            **default_policy, **policy,
+            "policy_kwargs": {**default_policy["policy_kwargs"], **(policy.get("policy_kwargs") or {})},
+        }
     return merged
 
 
@@ -222,6 +273,11 @@ class AppArgs(StrictModel):
         "three in one deployment with the model's encoder pool settings (one model on a CPU-only box)",
     )
     max_inputs_per_request: int = Field(default=2048, ge=1)
+    request_timeout_s: float | None = Field(
+        default=60.0, gt=0, description="the server's deadline per request: past it the client gets 504 and the "
+        "request's work stops (null: none). Shipped configs set Serve's http_options.request_timeout_s a little "
+        "longer, as a backstop",
+    )
     image_limits: ImageLimits = Field(default_factory=ImageLimits)
     zero_shot: ZeroShotSettings = Field(default_factory=lambda: ZeroShotSettings())
 

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from serve_app import cpu_kernels, metrics
+from serve_app import autoscaling, cpu_kernels, metrics
 from serve_app.config import BatchSettings, ModelSpec
 from serve_app.errors import InvalidRequest, ServeAppError, Unavailable
 from serve_app.modeling import encode_text, load_model, resolve_device, resolve_precision
@@ -37,6 +38,48 @@ class _Rows:
 
     data: torch.Tensor
     enqueued: float
+    started: bool = False  # taken into a forward pass: no longer waiting
+
+
+class QueueDepth:
+    """The rows an encoder holds, by modality: waiting (at the gate and in the batch queues) and in the
+    running pass; and recent batch fill. What `record_autoscaling_stats` and the queue-depth gauges report."""
+
+    RECENT = 32  # passes and calls that "recent" averages over
+
+    def __init__(self) -> None:
+        self.waiting = {"image": 0, "text": 0}
+        self.running = {"image": 0, "text": 0}
+        self._fills: deque[float] = deque(maxlen=self.RECENT)
+        self._calls: deque[float] = deque(maxlen=self.RECENT)  # rows / max_batch_size of recent calls
+
+    def arrived(self, modality: str, rows: int, max_rows: int) -> None:
+        self.waiting[modality] += rows
+        self._calls.append(rows / max_rows)
+
+    def left_unstarted(self, modality: str, rows: int) -> None:
+        """A call cancelled (its client went away) before its rows reached a pass."""
+        self.waiting[modality] -= rows
+
+    def pass_started(self, modality: str, rows: int) -> None:
+        self.waiting[modality] -= rows
+        self.running[modality] += rows
+
+    def pass_ended(self, modality: str, rows: int, max_rows: int) -> None:
+        self.running[modality] -= rows
+        self._fills.append(rows / max_rows)
+
+    def pending_batches(self, max_rows: dict[str, int]) -> float:
+        """Full batches' worth of rows waiting or running, each modality at its own batch size."""
+        return sum((self.waiting[m] + self.running[m]) / max_rows[m] for m in self.waiting)
+
+    @property
+    def batch_fill(self) -> float:
+        return sum(self._fills) / len(self._fills) if self._fills else 0.0
+
+    @property
+    def batches_per_call(self) -> float:
+        return sum(self._calls) / len(self._calls) if self._calls else 1.0
 
 
 def _count_rows(items: list[_Rows]) -> int:
@@ -114,6 +157,7 @@ class ClipEncoder:
                               on_refill=lambda outcome, seconds: metrics.observe_refill(spec.name, outcome, seconds))
         self._last_success: float | None = None
         self._consecutive_failures = 0
+        self._depth = QueueDepth()
         self._worker.submit(self._warm_up).result()
         logger.info(
             "ClipEncoder %s ready on %s/%s (%s kernels) in %.1fs", spec.name, self._core.device,
@@ -144,12 +188,12 @@ class ClipEncoder:
     async def embed_images(self, pixels: torch.Tensor) -> np.ndarray:
         """(N, 3, H, W) uint8 -> (N, D) float32 unit vectors."""
         self._core.check_pixels(pixels)
-        return await self._embed(pixels, self._image_batch, self._batching.max_batch_size)
+        return await self._embed("image", pixels, self._image_batch)
 
     async def embed_texts(self, tokens: torch.Tensor) -> np.ndarray:
         """(N, context) token ids -> (N, D) float32 unit vectors."""
         self._core.check_tokens(tokens)
-        return await self._embed(tokens, self._text_batch, self._batching.text_max_batch_size)
+        return await self._embed("text", tokens, self._text_batch)
 
     def logit_scale(self) -> float:
         """The model's learned temperature (log scale), for zero-shot softmax at the ingress."""
@@ -184,16 +228,38 @@ class ClipEncoder:
         if self._consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
             raise RuntimeError(f"{self._consecutive_failures} forward passes failed in a row")
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What the queue-depth autoscaling policy acts on (serve_app/autoscaling.py); Ray calls it on the
+        replica every `metrics_interval_s` when the pool autoscales."""
+        return {
+            autoscaling.PENDING_BATCHES: self._depth.pending_batches(self._max_rows),
+            autoscaling.BATCHES_PER_CALL: self._depth.batches_per_call,
+        }
+
+    @property
+    def _max_rows(self) -> dict[str, int]:
+        return {"image": self._batching.max_batch_size, "text": self._batching.text_max_batch_size}
+
     # ------------------------------------------------------------------ batching
 
     def _age(self) -> float | None:
         return None if self._last_success is None else time.monotonic() - self._last_success
 
-    async def _embed(self, rows: torch.Tensor, queue, max_rows: int) -> np.ndarray:
+    async def _embed(self, modality: str, rows: torch.Tensor, queue) -> np.ndarray:
         enqueued = time.perf_counter()
-        await self._gate.enter(len(rows))
+        max_rows = self._max_rows[modality]
         pieces = [_Rows(rows[i : i + max_rows], enqueued) for i in range(0, len(rows), max_rows)]
-        results = await asyncio.gather(*(queue(piece) for piece in pieces))
+        self._depth.arrived(modality, len(rows), max_rows)
+        self._report_depth()
+        try:
+            await self._gate.enter(len(rows))
+            results = await asyncio.gather(*(queue(piece) for piece in pieces))
+        finally:  # cancelled (the client went away): rows that never reached a pass stop counting, and
+            # Ray's batch queue drops the cancelled calls, so they cost no encoder time
+            unstarted = sum(len(piece.data) for piece in pieces if not piece.started)
+            if unstarted:
+                self._depth.left_unstarted(modality, unstarted)
+                self._report_depth()
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -203,20 +269,22 @@ class ClipEncoder:
     @serve.batch(max_batch_size=_BATCHING.max_batch_size, batch_wait_timeout_s=_BATCHING.batch_wait_timeout_s,
                  batch_size_fn=_count_rows)
     async def _image_batch(self, items: list[_Rows]) -> list[np.ndarray | ServeAppError]:
-        return await self._run_batch("image", items, self._core.encode_images, self._batching.max_batch_size)
+        return await self._run_batch("image", items, self._core.encode_images)
 
     @serve.batch(max_batch_size=_BATCHING.text_max_batch_size,
                  batch_wait_timeout_s=_BATCHING.text_batch_wait_timeout_s, batch_size_fn=_count_rows)
     async def _text_batch(self, items: list[_Rows]) -> list[np.ndarray | ServeAppError]:
-        return await self._run_batch("text", items, self._core.encode_texts, self._batching.text_max_batch_size)
+        return await self._run_batch("text", items, self._core.encode_texts)
 
-    async def _run_batch(
-        self, modality: str, items: list[_Rows], forward, max_rows: int
-    ) -> list[np.ndarray | ServeAppError]:
+    async def _run_batch(self, modality: str, items: list[_Rows], forward) -> list[np.ndarray | ServeAppError]:
         now = time.perf_counter()
+        max_rows = self._max_rows[modality]
         for item in items:
+            item.started = True
             metrics.observe_queue_wait(self._spec.name, modality, now - item.enqueued)
         rows = _count_rows(items)
+        self._depth.pass_started(modality, rows)
+        self._report_depth()
         self._gate.pass_started()
         try:
             loop = asyncio.get_running_loop()
@@ -224,8 +292,13 @@ class ClipEncoder:
         finally:
             seconds = time.perf_counter() - now
             self._gate.pass_ended(rows, seconds, max_rows)
-        metrics.observe_batch(self._spec.name, modality, rows, seconds)
+            self._depth.pass_ended(modality, rows, max_rows)
+            self._report_depth()
+        metrics.observe_batch(self._spec.name, modality, rows, seconds, rows / max_rows)
         return results
+
+    def _report_depth(self) -> None:
+        metrics.set_encoder_depth(self._spec.name, sum(self._depth.waiting.values()), sum(self._depth.running.values()))
 
     def _forward_isolated(self, items: list[_Rows], forward) -> list[np.ndarray | ServeAppError]:
         """One forward pass for the whole batch; if it fails, each call alone, so one bad call fails alone."""

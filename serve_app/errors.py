@@ -5,7 +5,9 @@ deployments and the ingress maps them with `error_payload`. A 500 says "internal
 id, never a stack trace.
 """
 
-from dataclasses import dataclass
+import math
+import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -54,10 +56,19 @@ class Unavailable(ServeAppError):
     error_type = "server_error"
 
 
+class DeadlineExceeded(ServeAppError):
+    """The server's own deadline for a request passed (`request_timeout_s`)."""
+
+    status_code = 504
+    error_type = "server_error"
+
+
 @dataclass(frozen=True)
 class MappedError:
     status_code: int
     body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+    reason: str | None = None  # why the request was refused, for the rejections metric (None: not a rejection)
 
 
 def find_app_error(exc: BaseException) -> ServeAppError | None:
@@ -72,13 +83,46 @@ def find_app_error(exc: BaseException) -> ServeAppError | None:
     return None
 
 
+def _ray_overload(exc: BaseException) -> MappedError | None:
+    """Ray Serve's refusals raised by an inner pool's handle: its queue is full (`BackPressureError`, with the
+    pool's `backpressure_config`), or it has no replica to take the call (`DeploymentUnavailableError`)."""
+    if "ray.serve" not in sys.modules:  # nothing of Ray's can be in flight
+        return None
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, BackPressureError):
+            status = current.status_code if current.status_code in (429, 503) else 503
+            headers = {}
+            if current.retry_after_s is not None:
+                headers["Retry-After"] = str(max(1, math.ceil(current.retry_after_s)))
+            error_type = Overloaded.error_type if status == 429 else Unavailable.error_type
+            message = "The service is overloaded: too many requests are queued. Retry after a moment."
+            mapped = error_body(status, message, error_type)
+            return MappedError(mapped.status_code, mapped.body, headers, "backpressure")
+        if isinstance(current, DeploymentUnavailableError):
+            mapped = error_body(503, "The service has no replica ready for this request; retry later.", "server_error")
+            return MappedError(mapped.status_code, mapped.body, {"Retry-After": "1"}, "unavailable")
+        current = getattr(current, "cause", None) or current.__cause__
+    return None
+
+
 def error_payload(exc: BaseException, request_id: str | None = None) -> MappedError:
     """Maps any exception to (status, {"error": {message, type, param, code}}); `code` is the status."""
     app_error = find_app_error(exc)
     if app_error is None:
+        overload = _ray_overload(exc)
+        if overload is not None:
+            return overload
         message = "Internal error" + (f" (request id {request_id})" if request_id else "")
         return error_body(500, message, "server_error")
-    return error_body(app_error.status_code, app_error.message, app_error.error_type, app_error.param)
+    mapped = error_body(app_error.status_code, app_error.message, app_error.error_type, app_error.param)
+    if isinstance(app_error, DeadlineExceeded):
+        return MappedError(mapped.status_code, mapped.body, reason="timeout")
+    return mapped
 
 
 def error_body(status: int, message: str, error_type: str, param: str | None = None) -> MappedError:

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import metrics
 from serve_app.config import ImageLimits, ModelSpec, ZeroShotSettings
-from serve_app.errors import error_body, error_payload
+from serve_app.errors import DeadlineExceeded, error_body, error_payload
 from serve_app.in_process import in_process_pools
 from serve_app.inputs import check_count, collect_inputs, input_from_item
 from serve_app.modeling import load_model_config
@@ -42,7 +42,7 @@ logger = logging.getLogger("ray.serve")
 
 HEALTH_TIMEOUT_S = 10.0
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 404, 413, 422, 429, 500, 503)
+    status: {"model": ErrorResponse} for status in (400, 404, 413, 422, 429, 500, 503, 504)
 }
 
 app = FastAPI(
@@ -99,12 +99,23 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 KNOWN_ROUTES = {"/v1/embeddings", "/v1/classify", "/v1/rerank", "/v1/models", "/health", "/openapi.json", "/docs"}
 
 
+# Ray's HTTP entry lets a client lift its limits with headers: `x-request-timeout-seconds: 0` switches Ray's
+# request timeout off, `x-request-disconnect-disabled: ?1` its watch for a client that went away. The deadline
+# below ignores the first; the second makes this middleware watch instead.
+RAY_DISCONNECT_DISABLED_HEADER = b"x-request-disconnect-disabled"
+
+
 class EveryRequest:
-    """The one place every request passes: the error mapper and request metrics.
+    """The one place every request passes: the deadline, the error mapper and request metrics.
 
     A plain ASGI middleware (Starlette's `@app.middleware("http")` adds a task and a memory stream to every
     request). Ray Serve's proxy already gives every request an `x-request-id` (the client's, or a new one) and
     echoes it in the response; errors quote it so that a log line can be found from a client's report.
+
+    The server's deadline (`request_timeout_s` of the app, kept in `app.state`) is enforced here so that a late
+    request gets OpenAI's error shape; Serve's own `http_options.request_timeout_s`, a little longer, stays the
+    backstop. Ray watches for clients that go away and cancels their requests (Ray then drops their calls from
+    the encoder's batch queue); when a client turned that watch off with a header, this middleware watches.
     """
 
     def __init__(self, app: Any) -> None:
@@ -117,6 +128,7 @@ class EveryRequest:
         start = time.perf_counter()
         status = 500
         started = False
+        route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
 
         async def send_and_watch(message: dict) -> None:
             nonlocal status, started
@@ -125,19 +137,65 @@ class EveryRequest:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_and_watch)
+            await self._bounded(scope, receive, send_and_watch, route)
         except Exception as exc:  # the one error mapper
             request_id = Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex
             mapped = error_payload(exc, request_id)
-            if mapped.status_code >= 500:
+            if mapped.status_code >= 500 and mapped.reason is None:
                 logger.exception("request %s failed", request_id)
+            if mapped.reason is not None:
+                metrics.count_rejected(route, mapped.reason)
             if started:  # too late to answer differently; the client sees a cut response
                 raise
             status = mapped.status_code
-            await _json(mapped.body, mapped.status_code)(scope, receive, send)
+            await _json(mapped.body, mapped.status_code, mapped.headers)(scope, receive, send)
         finally:
-            route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
             metrics.observe_request(route, status, time.perf_counter() - start)
+
+    async def _bounded(self, scope: Any, receive: Any, send: Any, route: str) -> None:
+        """Runs the app within the server's deadline, and stops it when its client goes away."""
+        timeout = getattr(scope["app"].state, "request_timeout_s", None)
+        watch = dict(scope["headers"]).get(RAY_DISCONNECT_DISABLED_HEADER) == b"?1"
+        if timeout is None and not watch:
+            await self.app(scope, receive, send)
+            return
+        body_read = asyncio.Event()
+
+        async def receive_and_note() -> dict:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_read.set()
+            return message
+
+        async def client_gone() -> None:
+            await body_read.wait()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        request = asyncio.ensure_future(self.app(scope, receive_and_note, send))
+        waiting = {request}
+        watcher = asyncio.ensure_future(client_gone()) if watch else None
+        if watcher is not None:
+            waiting.add(watcher)
+        try:
+            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            request.cancel()
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if request in done:
+            return request.result()
+        request.cancel()
+        try:
+            await request
+        except asyncio.CancelledError:
+            pass
+        if watcher is not None and watcher in done:
+            metrics.count_rejected(route, "client_disconnected")
+            return  # nobody is left to answer
+        raise DeadlineExceeded(f"The request did not complete within the server's deadline of {timeout:g} s.")
 
 
 app.add_middleware(EveryRequest)
@@ -155,9 +213,11 @@ class OpenAIIngress:
         max_inputs_per_request: int,
         zero_shot: ZeroShotSettings,
         image_limits: ImageLimits | None = None,
+        request_timeout_s: float | None = None,
     ) -> None:
         """`preprocessor` and `encoders` are handles of the other pools, or None in the one-process
         layout: then this replica builds them itself (`in_process_pools`) from `models` and `image_limits`."""
+        app.state.request_timeout_s = request_timeout_s  # the deadline EveryRequest holds
         self._in_process: list[Any] = []
         if preprocessor is None:
             preprocessor, encoders = in_process_pools(models, image_limits or ImageLimits())
@@ -182,6 +242,15 @@ class OpenAIIngress:
         """One-process layout: Ray Serve replaces this replica when its encoder keeps failing."""
         for encoder in self._in_process:
             encoder.check_health()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """One-process layout: the in-process encoder's queue depth, for the queue-depth policy (the pool then
+        is this deployment). Empty in the pools layout: that policy is not this pool's."""
+        stats: dict[str, float] = {}
+        for encoder in self._in_process:
+            for key, value in encoder.record_autoscaling_stats().items():
+                stats[key] = stats.get(key, 0.0) + value
+        return stats
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
     async def create_embeddings(self, request: EmbeddingRequest) -> Response:

@@ -11,6 +11,7 @@ from typing import Any
 PREFIX = "clip_"
 SECONDS_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+FILL_BUCKETS = [0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
 
 
 def _in_ray() -> bool:
@@ -77,6 +78,48 @@ def _metrics() -> dict[str, Any]:
             boundaries=BATCH_BUCKETS,
             tag_keys=("model", "modality"),
         ),
+        "batch_fill": m.Histogram(
+            PREFIX + "batch_fill",
+            description="Items per forward pass divided by its max_batch_size.",
+            boundaries=FILL_BUCKETS,
+            tag_keys=("model", "modality"),
+        ),
+        "pending_items": m.Gauge(
+            PREFIX + "encoder_pending_items",
+            description="Items an encoder replica holds that no forward pass has started: its queue depth.",
+            tag_keys=("model",),
+        ),
+        "running_items": m.Gauge(
+            PREFIX + "encoder_running_items",
+            description="Items in an encoder replica's running forward pass.",
+            tag_keys=("model",),
+        ),
+        "rejected": m.Counter(
+            PREFIX + "rejected_requests",
+            description="Requests refused before or instead of their work, by route and reason "
+            "(backpressure, unavailable, timeout, client_disconnected).",
+            tag_keys=("route", "reason"),
+        ),
+    }
+
+
+@cache
+def _controller_metrics() -> dict[str, Any]:
+    """Gauges the autoscaling policy sets in the Serve controller (no replica context there)."""
+    from ray.util import metrics as m
+
+    return {
+        "desired_replicas": m.Gauge(
+            PREFIX + "autoscaling_desired_replicas",
+            description="Replicas the autoscaling policy asks for, before Ray's bounds and delays.",
+            tag_keys=("application", "deployment"),
+        ),
+        "pending_batches": m.Gauge(
+            PREFIX + "autoscaling_pending_batches",
+            description="Full batches' worth of items waiting for or running in an encoder pool: what the "
+            "queue-depth policy acts on.",
+            tag_keys=("application", "deployment"),
+        ),
     }
 
 
@@ -106,12 +149,36 @@ def observe_queue_wait(model: str, modality: str, seconds: float) -> None:
     _metrics()["queue_wait_seconds"].observe(seconds, tags={"model": model, "modality": modality})
 
 
-def observe_batch(model: str, modality: str, size: int, seconds: float) -> None:
+def observe_batch(model: str, modality: str, size: int, seconds: float, fill: float) -> None:
     if not _in_ray():
         return
     tags = {"model": model, "modality": modality}
     _metrics()["encode_seconds"].observe(seconds, tags=tags)
     _metrics()["batch_size"].observe(size, tags=tags)
+    _metrics()["batch_fill"].observe(fill, tags=tags)
+
+
+def set_encoder_depth(model: str, pending_items: int, running_items: int) -> None:
+    if not _in_ray():
+        return
+    _metrics()["pending_items"].set(pending_items, tags={"model": model})
+    _metrics()["running_items"].set(running_items, tags={"model": model})
+
+
+def count_rejected(route: str, reason: str) -> None:
+    if not _in_ray():
+        return
+    _metrics()["rejected"].inc(tags={"route": route, "reason": reason})
+
+
+def set_autoscaling_decision(application: str, deployment: str, desired: float,
+                             pending_batches: float | None) -> None:
+    if not _in_ray():
+        return
+    tags = {"application": application, "deployment": deployment}
+    _controller_metrics()["desired_replicas"].set(desired, tags=tags)
+    if pending_batches is not None:
+        _controller_metrics()["pending_batches"].set(pending_batches, tags=tags)
 
 
 def observe_refill(model: str, outcome: str, seconds: float) -> None:

@@ -32,3 +32,20 @@ def test_unexpected_errors_are_500_without_details():
     assert mapped.status_code == 500
     assert "secret" not in mapped.body["error"]["message"]
     assert "abc123" in mapped.body["error"]["message"]
+
+
+def test_rays_refusals_from_an_inner_pool_become_429_or_503_with_retry_after():
+    from ray.serve.exceptions import BackPressureError
+
+    mapped = error_payload(FakeRayTaskError(BackPressureError(10, 10, status_code=429, retry_after_s=1.5)))
+    assert mapped.status_code == 429 and mapped.headers == {"Retry-After": "2"} and mapped.reason == "backpressure"
+    assert mapped.body["error"]["type"] == "rate_limit_error" and mapped.body["error"]["code"] == 429
+    plain = error_payload(BackPressureError(3, 3))  # Ray's default: 503, no Retry-After
+    assert plain.status_code == 503 and plain.headers == {}
+
+
+def test_the_servers_deadline_is_504_and_counts_as_a_rejection():
+    from serve_app.errors import DeadlineExceeded
+
+    mapped = error_payload(DeadlineExceeded("late"))
+    assert mapped.status_code == 504 and mapped.reason == "timeout" and mapped.body["error"]["message"] == "late"

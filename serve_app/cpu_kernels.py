@@ -1,10 +1,10 @@
 """oneDNN linear layers with weights packed once at load, for fp32 encoders on the CPU.
 
 A ViT's forward pass is almost all linear layers. PyTorch runs an fp32 `nn.Linear` on the CPU through MKL's
-sgemm; on the 2-core AMD EPYC of BENCHMARKS.md oneDNN's linear on a weight reordered once into its blocked
-layout was 1.2-3.7x faster per layer (`serve_app/bench/experiments/linear_kernels.py`; torch.compile's CPU
-backend emits it for bf16 weights, and packs fp32 ones for MKL, no faster here), and the whole model 2.0x for
-a short text and 1.4-1.6x for a single image ("oneDNN linear layers with packed weights"). The arithmetic is
+sgemm; oneDNN's linear on a weight reordered once into its blocked layout is faster at every shape these
+encoders use (torch.compile's CPU backend emits the same op for bf16 weights, but packs fp32 ones for MKL),
+so the weights are reordered once at load and the dense copies dropped (BENCHMARKS.md, "oneDNN linear layers
+with packed weights", which gives the measurements and the command that re-checks them). The arithmetic is
 the same fp32 in another summation order: unit vectors agree with open_clip's within 1e-6
 (tests/test_cpu_kernels.py).
 
@@ -22,12 +22,12 @@ _ROWS_HINT = 32
 
 
 def padded_rows(rows: int) -> int:
-    """Text row counts above 64 rounded up to 16 sizes per doubling (at most 6 % more rows); 64 or fewer as they are.
+    """Text row counts above 64 rounded up to 16 sizes per doubling (at most 1/16 more rows); 64 or fewer as they are.
 
     oneDNN creates (and caches) a kernel per input shape and sizes its scratch buffers by it; texts of every
-    length in every batch size gave thousands of shapes, and glibc's heap grew pass after pass (ViT-B-32, 900
-    text passes of random shapes: 2.06 -> 2.42 -> 2.62 GiB, where eager stays at 1.92;
-    `serve_app/bench/experiments/varied_shapes.py`). Small row counts are few, and padding them cost time.
+    length in every batch size give thousands of shapes, and glibc's heap grows pass after pass with them
+    while eager does not (BENCHMARKS.md, "oneDNN linear layers with packed weights"). Few shapes remain after
+    rounding. Small row counts are few already, and padding them costs time, so they stay exact.
     """
     if rows <= 64:
         return rows
@@ -143,8 +143,8 @@ def pack_transformer_linears(model: nn.Module) -> int:
         if not hasattr(block, "ln_1_kv") and PackedSelfAttention.supports(block.attn):
             block.attn = PackedSelfAttention(block.attn)
         blocks += 1
-    # An image pass has batch x (tokens per image) rows, at most max_batch_size shapes: kept exact, where
-    # rounding would add up to 6 % to a compute-bound pass (ViT-g/14: 257 rows per image).
+    # An image pass has batch x (tokens per image) rows, at most max_batch_size shapes: kept exact, as
+    # rounding would add rows to a compute-bound pass (ViT-g/14: 257 rows per image would become 272).
     for module in getattr(model, "visual", nn.Identity()).modules():
         if isinstance(module, PackedLinear):
             module.round_rows = False

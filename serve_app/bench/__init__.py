@@ -3,7 +3,7 @@
     clip-bench bare     the model in-process, no server (the reference every ratio is taken against)
     clip-bench load     a load generator against any OpenAI-compatible embeddings URL
     clip-bench compare  bare, our service (`serve run`), a naive server and infinity-emb, in one run
-    clip-bench gpu      the prepared GPU run (ViT-g/14 bf16/fp16, compile, SDPA, MFU, served throughput)
+    clip-bench gpu      the GPU run (ViT-g/14 bf16/fp16, compile, SDPA, MFU, served throughput)
 
 Importing this package loads neither torch nor ray; each mode imports what it needs.
 """

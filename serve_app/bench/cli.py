@@ -326,19 +326,23 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--app-args", default=None, help="JSON merged over our build_app args, e.g. "
                          "'{\"preprocessor\": {\"num_cpus\": 0.5}}'")
     compare.add_argument("--import-path", default="serve_app.app:build_app",
-                         help="our app builder; another one measures an experiment the same way")
+                         help="our app builder (module:function taking build_app's args), measured the same way")
     compare.add_argument("--pythonpath", default=None, help="prepended to PYTHONPATH of our server")
     compare.add_argument("--startup-timeout", type=float, default=180.0)
     compare.add_argument("--no-bare-beside-idle", action="store_true",
                          help="skip the bare run beside each idle server (its wake-ups' cost to the model)")
-    compare.add_argument("--infinity-bin", default=None, help="infinity_emb CLI (default: PATH, /tmp/infinity-venv)")
+    compare.add_argument("--infinity-bin", default="infinity_emb",
+                         help="infinity-emb's CLI: a path, or a name looked up on PATH (default: infinity_emb). "
+                         "The `python` beside it builds the random-weight HF CLIP it serves, so its environment "
+                         "needs transformers (BENCHMARKS.md, \"How to run\"); not found: infinity is skipped")
     compare.add_argument("--workdir", default=None, help="configs, logs, the HF model (default: a temp dir)")
     compare.add_argument("--no-plot", action="store_true")
     compare.add_argument("--out", default=None, help="JSON path (.md table and .png beside it)")
     _load_args(compare)
     compare.set_defaults(func=cmd_compare, argv=None)
 
-    gpu = sub.add_parser("gpu", help="the prepared GPU run (ViT-g/14 random weights); --smoke: tiny model on CPU")
+    gpu = sub.add_parser("gpu", help="the GPU run (ViT-g/14 random weights) on a GPU machine where the project is "
+                         "installed (pip install -e .[bench]); --smoke: tiny model on the CPU")
     gpu.add_argument("--smoke", action="store_true", help="tiny random model on the CPU: tests the whole path")
     gpu.add_argument("--model", default="ViT-g-14")
     gpu.add_argument("--pretrained", default="random")
@@ -359,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--served-max-batch-size", type=int, default=128)
     gpu.add_argument("--served-preprocessors", type=int, default=None)
     gpu.add_argument("--served-ingress", type=int, default=2)
-    gpu.add_argument("--served-import-path", default="serve_app.app:build_app", help="our app builder (or an experiment)")
+    gpu.add_argument("--served-import-path", default="serve_app.app:build_app",
+                     help="the app builder served (module:function taking build_app's args)")
     gpu.add_argument("--image-size", default="640x480")
     gpu.add_argument("--out", default=None, help="JSON path (default bench-out/gpu-<time>.json; .md beside it)")
     gpu.set_defaults(func=cmd_gpu)

@@ -1,13 +1,14 @@
-"""`gpu`: the prepared GPU run. ViT-g/14 with random weights: bare images/s over a batch sweep in bf16/fp16,
+"""`gpu`: the GPU run. ViT-g/14 with random weights: bare images/s over a batch sweep in bf16/fp16,
 eager and `torch.compile`d, with fused SDPA attention and with the math kernel only; TFLOP/s and MFU; text
 prompts/s; and the served throughput through a local Ray Serve (our `build_app`) on the same machine.
 
 Everything is bounded by `--budget-s`: configurations run in priority order and the rest are recorded as
 skipped once the budget is spent; the JSON is rewritten after every measurement, so a run cut short still
-leaves its numbers. The bare part needs only torch and open_clip (the GPU image has no Ray, pydantic or
-FastAPI unless carried); the served part is skipped, with the reason, where Ray Serve cannot be imported.
+leaves its numbers. The bare part needs only torch and open_clip; the served part is skipped, with the
+reason, where Ray Serve or the service cannot be imported.
 
-    clip-bench gpu --out bench-out/gpu.json                  # on the GPU machine
+    pip install -e ".[bench]"                                # on the GPU machine, from the repo root
+    clip-bench gpu --out bench-out/gpu.json
     clip-bench gpu --smoke --out bench-out/gpu-smoke.json    # anywhere: tiny model on the CPU, seconds
 
 FLOPs: ViT-g/14's image tower costs 534 GFLOP per 224 px image (open_clip's profile: 267 GMACs); MFU is
@@ -55,7 +56,7 @@ class GpuSettings:
     served_max_batch_size: int = 128
     served_preprocessors: int | None = None  # None: cores - 4, at least 1
     served_ingress: int = 2
-    served_import_path: str = "serve_app.app:build_app"  # or an experiment's builder
+    served_import_path: str = "serve_app.app:build_app"  # any `module:builder` taking build_app's args
     threads: int | None = None  # CPU threads for the CPU smoke run
 
 
@@ -282,7 +283,7 @@ class GpuRun:
             from serve_app.ray_env import use_one_machine_env
 
             # serve as production does (deploy/ray-serve.env), but stop in seconds (no 30 s drain: it would
-            # eat the device budget); the caller's own settings win
+            # eat the run's --budget); the caller's own settings win
             use_one_machine_env()
             import ray  # noqa: F401
             from ray import serve  # noqa: F401

@@ -1,10 +1,10 @@
 """Writes a random-weight Hugging Face `CLIPModel` directory for infinity-emb, fully offline.
 
-Standalone on purpose: `compare` runs it with the Python of infinity's own virtualenv (which has
-transformers), so it imports nothing from `serve_app`. `CLIPConfig()` has ViT-B/32 sizes; the tokenizer files
+Standalone on purpose: `compare` runs it with the `python` beside `--infinity-bin` (infinity-emb's own
+environment, which has transformers), so it imports nothing from `serve_app`. `CLIPConfig()` has ViT-B/32 sizes; the tokenizer files
 are rebuilt from open_clip's `bpe_simple_vocab_16e6.txt.gz`, the same BPE that CLIP's tokenizer uses.
 
-    /tmp/infinity-venv/bin/python hf_clip.py OUT_DIR --bpe .../open_clip/bpe_simple_vocab_16e6.txt.gz
+    INFINITY_ENV/bin/python hf_clip.py OUT_DIR --bpe .../open_clip/bpe_simple_vocab_16e6.txt.gz
 """
 
 import argparse

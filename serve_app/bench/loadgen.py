@@ -1,8 +1,8 @@
 """The load generator: asyncio + aiohttp against any OpenAI-compatible embeddings URL.
 
-It shares the machine with the server it measures, so its own CPU per request matters: aiohttp's client
-costs ~0.55 ms of CPU per short embedding request here, httpx's ~2.6-3.3 ms (BENCHMARKS.md, "The load
-generator's own CPU"); on two cores httpx took a tenth of the machine from the server at 80 requests/s.
+It shares the machine with the server it measures, so whatever CPU it spends per request is taken from that
+server: it uses aiohttp's client, which costs several times less CPU per request than httpx's (BENCHMARKS.md,
+"The load generator's own CPU"), and sends pre-serialised bodies.
 
 Two ways to load a server, each bounded in time (warm-up + measurement window) and optionally in count:
 - closed loop at a fixed concurrency: `c` workers, each sends its next request when the last one returns;
@@ -14,7 +14,7 @@ Throughput is the steady-state rate inside the measurement window, without the r
 drain after it: each successful request counts with the share of its lifetime (start to end) that lies inside
 the window, divided by the window. Counting only the requests that *complete* in the window is quantised when
 completions come in bursts (at concurrency 32 a batching server answers 32 requests at once, a few times per
-window, so one burst more or less moves the rate by 15 %); the shares do not jump (`items_per_s_completed`
+window, so one burst more or less moves the rate by a whole batch); the shares do not jump (`items_per_s_completed`
 keeps the plain count). Latency percentiles are over the
 successful (2xx) requests completed in the window; every other outcome is counted by status code
 (`"400"`, `"503"`) or by client error (`"timeout"`, `"ConnectError"`, `"bad-response"`).

@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-# Short captions, combined into distinct texts; 4-9 words each, the "short texts" of the targets.
+# Short captions, combined into distinct texts; 4-9 words each, like the queries of a search box.
 _ADJECTIVES = ["red", "small", "old", "bright", "wooden", "striped", "empty", "wet", "golden", "broken", "quiet", "tall"]
 _NOUNS = ["dog", "bicycle", "kitchen", "mountain", "teapot", "street", "sailboat", "cat", "bridge", "guitar", "forest", "train"]
 _PLACES = ["on the beach", "at night", "in the snow", "next to a window", "in a city", "on a table", "under a tree", ""]

@@ -149,23 +149,16 @@ class OurServer(ManagedServer):
     name = "ours"
 
     def __init__(self, workdir: Path, app_args: dict[str, Any], port: int | None = None,
-                 import_path: str = "serve_app.app:build_app", code_dir: str | None = None,
-                 dashboard: bool = True, **kw: Any) -> None:
+                 import_path: str = "serve_app.app:build_app", **kw: Any) -> None:
         # Ray runs as in production (deploy/ray-serve.env); a variable set in the caller's environment wins,
         # so `RAY_SERVE_THROUGHPUT_OPTIMIZED=0 clip-bench compare ...` measures the other mode.
         # Its own HAProxy ports even when the caller's environment names some (the tests' Ray holds those).
         ray_env = {k: v for k, v in one_machine_env().items() if k not in os.environ} | haproxy_ports()
         kw["env"] = {**ray_env, **(kw.get("env") or {})}
-        # Another checkout of this repository to serve (an experiment comparing two commits): first on the
-        # path of `serve run` and of every Ray worker it starts.
-        self.code_dir = code_dir
-        if code_dir:
-            kw["env"]["PYTHONPATH"] = code_dir
         super().__init__(workdir, port, **kw)
         self.app_args = app_args
-        self.import_path = import_path  # another builder (an experiment) may be measured the same way
+        self.import_path = import_path  # any `module:builder` taking the same args is measured the same way
         self.config_path = self.workdir / "serve-config.yaml"
-        self.dashboard = dashboard  # False: a local Ray without Ray's dashboard (an experiment)
 
     def prepare(self) -> None:
         config = {
@@ -179,15 +172,13 @@ class OurServer(ManagedServer):
         self.config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
     def command(self) -> list[str]:
-        if not self.dashboard:  # `serve run`'s own command on a local Ray started without the dashboard
-            return [sys.executable, "-m", "serve_app.bench.experiments.no_dashboard", str(self.config_path)]
         serve = Path(sys.executable).parent / "serve"
         # `--address local`: always a fresh local Ray for this run, never a cluster found on the machine.
         return [str(serve), "run", "--address", "local", str(self.config_path)]
 
     def cwd(self) -> str | None:
         # The repo root: serve_app importable as in `serve run`.
-        return self.code_dir or str(Path(__file__).resolve().parents[2])
+        return str(Path(__file__).resolve().parents[2])
 
 
 class NaiveServer(ManagedServer):
@@ -211,11 +202,12 @@ class NaiveServer(ManagedServer):
         return str(Path(__file__).resolve().parents[2])
 
 
-def find_infinity(explicit: str | None = None) -> str | None:
-    """infinity-emb's CLI: the given path, one on PATH, or the separate venv of BENCHMARKS.md."""
-    for candidate in (explicit, shutil.which("infinity_emb"), "/tmp/infinity-venv/bin/infinity_emb"):
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return candidate
+def find_infinity(binary: str = "infinity_emb") -> str | None:
+    """infinity-emb's CLI: `binary` as a path (when it has a slash) or a name looked up on PATH; None when
+    it is not there or not executable."""
+    candidate = binary if os.sep in binary else shutil.which(binary)
+    if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+        return str(Path(candidate).absolute())
     return None
 
 

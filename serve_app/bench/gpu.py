@@ -282,9 +282,9 @@ class GpuRun:
         try:
             from serve_app.ray_env import use_one_machine_env
 
-            # serve as production does (deploy/ray-serve.env), but stop in seconds (no 30 s drain: it would
-            # eat the run's --budget); the caller's own settings win
-            use_one_machine_env()
+            # serve as a GPU box does (deploy/ray-serve.env, without the small-CPU tuning), but stop in
+            # seconds (no 30 s drain: it would eat the run's --budget); the caller's own settings win
+            use_one_machine_env(small_cpu=False)
             import ray  # noqa: F401
             from ray import serve  # noqa: F401
 
@@ -351,7 +351,7 @@ def served_throughput(s: GpuSettings, precision: str) -> dict[str, Any]:
         ray.shutdown()
     return {
         "precision": precision, "import_path": s.served_import_path, "app_args": args, "startup_s": round(startup_s, 1),
-        "ray_env": {key: os.environ[key] for key in one_machine_env() if key in os.environ},
+        "ray_env": {key: os.environ[key] for key in one_machine_env(small_cpu=False) if key in os.environ},
         "image_size": [width, height], **level.to_dict(), "images_per_s": level.items_per_s,
     }
 

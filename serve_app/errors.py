@@ -17,10 +17,13 @@ class ServeAppError(Exception):
     status_code: int = 500
     error_type: str = "server_error"
 
+    reason: str | None = None  # why a request was refused, for the rejections metric (None: not a refusal)
+
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.retry_after_s: float | None = None  # sent as Retry-After
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only arguments do not survive pickling by default; Ray pickles exceptions between replicas.
@@ -49,6 +52,7 @@ class PayloadTooLarge(ServeAppError):
 class Overloaded(ServeAppError):
     status_code = 429
     error_type = "rate_limit_error"
+    reason = "backpressure"
 
 
 class Unavailable(ServeAppError):
@@ -56,11 +60,18 @@ class Unavailable(ServeAppError):
     error_type = "server_error"
 
 
+class PoolUnavailable(Unavailable):
+    """A pool refused a call: its queue is full and it answers 503, or it has no replica to take it."""
+
+    reason = "unavailable"
+
+
 class DeadlineExceeded(ServeAppError):
     """The server's own deadline for a request passed (`request_timeout_s`)."""
 
     status_code = 504
     error_type = "server_error"
+    reason = "timeout"
 
 
 @dataclass(frozen=True)
@@ -83,9 +94,13 @@ def find_app_error(exc: BaseException) -> ServeAppError | None:
     return None
 
 
-def _ray_overload(exc: BaseException) -> MappedError | None:
-    """Ray Serve's refusals raised by an inner pool's handle: its queue is full (`BackPressureError`, with the
-    pool's `backpressure_config`), or it has no replica to take the call (`DeploymentUnavailableError`)."""
+def pool_refusal(exc: BaseException) -> ServeAppError | None:
+    """Ray Serve's refusal of a call to an inner pool, as our own error: its queue is full
+    (`BackPressureError`, with the pool's `backpressure_config`: 429 or 503 and Retry-After), or it has no
+    replica to take the call (`DeploymentUnavailableError`: 503). None for anything else.
+
+    The caller raises it instead: Ray installs FastAPI handlers of its own for these two classes, which would
+    answer in plain text before the error mapper saw them."""
     if "ray.serve" not in sys.modules:  # nothing of Ray's can be in flight
         return None
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -95,34 +110,29 @@ def _ray_overload(exc: BaseException) -> MappedError | None:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, BackPressureError):
-            status = current.status_code if current.status_code in (429, 503) else 503
-            headers = {}
-            if current.retry_after_s is not None:
-                headers["Retry-After"] = str(max(1, math.ceil(current.retry_after_s)))
-            error_type = Overloaded.error_type if status == 429 else Unavailable.error_type
             message = "The service is overloaded: too many requests are queued. Retry after a moment."
-            mapped = error_body(status, message, error_type)
-            return MappedError(mapped.status_code, mapped.body, headers, "backpressure")
+            error: ServeAppError = Overloaded(message) if current.status_code == 429 else PoolUnavailable(message)
+            error.retry_after_s = current.retry_after_s
+            return error
         if isinstance(current, DeploymentUnavailableError):
-            mapped = error_body(503, "The service has no replica ready for this request; retry later.", "server_error")
-            return MappedError(mapped.status_code, mapped.body, {"Retry-After": "1"}, "unavailable")
+            error = PoolUnavailable("The service has no replica ready for this request; retry later.")
+            error.retry_after_s = 1
+            return error
         current = getattr(current, "cause", None) or current.__cause__
     return None
 
 
 def error_payload(exc: BaseException, request_id: str | None = None) -> MappedError:
     """Maps any exception to (status, {"error": {message, type, param, code}}); `code` is the status."""
-    app_error = find_app_error(exc)
+    app_error = find_app_error(exc) or pool_refusal(exc)
     if app_error is None:
-        overload = _ray_overload(exc)
-        if overload is not None:
-            return overload
         message = "Internal error" + (f" (request id {request_id})" if request_id else "")
         return error_body(500, message, "server_error")
     mapped = error_body(app_error.status_code, app_error.message, app_error.error_type, app_error.param)
-    if isinstance(app_error, DeadlineExceeded):
-        return MappedError(mapped.status_code, mapped.body, reason="timeout")
-    return mapped
+    headers = {}
+    if app_error.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(app_error.retry_after_s)))
+    return MappedError(mapped.status_code, mapped.body, headers, app_error.reason)
 
 
 def error_body(status: int, message: str, error_type: str, param: str | None = None) -> MappedError:

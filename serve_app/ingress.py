@@ -99,12 +99,6 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 KNOWN_ROUTES = {"/v1/embeddings", "/v1/classify", "/v1/rerank", "/v1/models", "/health", "/openapi.json", "/docs"}
 
 
-# Ray's HTTP entry lets a client lift its limits with headers: `x-request-timeout-seconds: 0` switches Ray's
-# request timeout off, `x-request-disconnect-disabled: ?1` its watch for a client that went away. The deadline
-# below ignores the first; the second makes this middleware watch instead.
-RAY_DISCONNECT_DISABLED_HEADER = b"x-request-disconnect-disabled"
-
-
 class EveryRequest:
     """The one place every request passes: the deadline, the error mapper and request metrics.
 
@@ -113,9 +107,11 @@ class EveryRequest:
     echoes it in the response; errors quote it so that a log line can be found from a client's report.
 
     The server's deadline (`request_timeout_s` of the app, kept in `app.state`) is enforced here so that a late
-    request gets OpenAI's error shape; Serve's own `http_options.request_timeout_s`, a little longer, stays the
-    backstop. Ray watches for clients that go away and cancels their requests (Ray then drops their calls from
-    the encoder's batch queue); when a client turned that watch off with a header, this middleware watches.
+    request gets OpenAI's error shape, and so that no client header lifts it: Ray's HTTP entry lets
+    `x-request-timeout-seconds: 0` switch its own timeout (`http_options.request_timeout_s`, a little longer
+    here, the backstop) off. Ray cancels the requests of clients that go away, and drops their calls from the
+    encoder's batch queue; a client that turns that watch off (`x-request-disconnect-disabled: ?1`) still ends
+    at the deadline.
     """
 
     def __init__(self, app: Any) -> None:
@@ -137,7 +133,7 @@ class EveryRequest:
             await send(message)
 
         try:
-            await self._bounded(scope, receive, send_and_watch, route)
+            await self._bounded(scope, receive, send_and_watch)
         except Exception as exc:  # the one error mapper
             request_id = Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex
             mapped = error_payload(exc, request_id)
@@ -152,50 +148,18 @@ class EveryRequest:
         finally:
             metrics.observe_request(route, status, time.perf_counter() - start)
 
-    async def _bounded(self, scope: Any, receive: Any, send: Any, route: str) -> None:
-        """Runs the app within the server's deadline, and stops it when its client goes away."""
+    async def _bounded(self, scope: Any, receive: Any, send: Any) -> None:
+        """Runs the app within the server's deadline."""
         timeout = getattr(scope["app"].state, "request_timeout_s", None)
-        watch = dict(scope["headers"]).get(RAY_DISCONNECT_DISABLED_HEADER) == b"?1"
-        if timeout is None and not watch:
+        if timeout is None:
             await self.app(scope, receive, send)
             return
-        body_read = asyncio.Event()
-
-        async def receive_and_note() -> dict:
-            message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                body_read.set()
-            return message
-
-        async def client_gone() -> None:
-            await body_read.wait()
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        request = asyncio.ensure_future(self.app(scope, receive_and_note, send))
-        waiting = {request}
-        watcher = asyncio.ensure_future(client_gone()) if watch else None
-        if watcher is not None:
-            waiting.add(watcher)
         try:
-            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            request.cancel()
-            raise
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-        if request in done:
-            return request.result()
-        request.cancel()
-        try:
-            await request
-        except asyncio.CancelledError:
-            pass
-        if watcher is not None and watcher in done:
-            metrics.count_rejected(route, "client_disconnected")
-            return  # nobody is left to answer
-        raise DeadlineExceeded(f"The request did not complete within the server's deadline of {timeout:g} s.")
+            await asyncio.wait_for(self.app(scope, receive, send), timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(
+                f"The request did not complete within the server's deadline of {timeout:g} s."
+            ) from None
 
 
 app.add_middleware(EveryRequest)

@@ -12,7 +12,7 @@ import numpy as np
 
 from serve_app import metrics
 from serve_app.config import ZeroShotSettings
-from serve_app.errors import InvalidRequest, ModelNotFound
+from serve_app.errors import InvalidRequest, ModelNotFound, pool_refusal
 from serve_app.inputs import ImageInput, Input, TextInput
 from serve_app.modeling import ModelConfig
 from serve_app.protocol import (
@@ -117,11 +117,11 @@ class ClipService:
     async def _embed_images(self, model: ServedModel, images: list[ImageInput]) -> tuple[np.ndarray, int]:
         pixels = self._preprocessor.images.remote(model.name, [x.data for x in images], [x.param for x in images])
         # Passing the response on lets the encoder fetch the pixels directly, not through this replica.
-        return await model.encoder.embed_images.remote(pixels), 0
+        return await _from_pool(model.encoder.embed_images.remote(pixels)), 0
 
     async def _embed_texts(self, model: ServedModel, texts: list[TextInput]) -> tuple[np.ndarray, int]:
-        batch = await self._preprocessor.texts.remote(model.name, [x.text for x in texts])
-        return await model.encoder.embed_texts.remote(batch.tokens), sum(batch.token_counts)
+        batch = await _from_pool(self._preprocessor.texts.remote(model.name, [x.text for x in texts]))
+        return await _from_pool(model.encoder.embed_texts.remote(batch.tokens)), sum(batch.token_counts)
 
 
     async def classifiers(
@@ -173,7 +173,7 @@ class ClipService:
 
     async def logit_scale(self, model: ServedModel) -> float:
         if model.name not in self._logit_scales:
-            self._logit_scales[model.name] = await model.encoder.logit_scale.remote()
+            self._logit_scales[model.name] = await _from_pool(model.encoder.logit_scale.remote())
         return self._logit_scales[model.name]
 
     async def classify(
@@ -210,6 +210,17 @@ class ClipService:
         ]
         usage = Usage(prompt_tokens=embedded.prompt_tokens, total_tokens=embedded.prompt_tokens)
         return RerankResponse(model=model.name, results=results, usage=usage)
+
+
+async def _from_pool(response: Any) -> Any:
+    """The answer of a call to another pool; a refusal by Ray (queue full, no replica) becomes our own error."""
+    try:
+        return await response
+    except Exception as exc:
+        refusal = pool_refusal(exc)
+        if refusal is None:
+            raise
+        raise refusal from exc
 
 
 def check_dimensions(model: ServedModel, dimensions: int | None) -> None:

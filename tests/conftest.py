@@ -117,6 +117,10 @@ def driver_handle(deployment: str, app_name: str = "clip"):
     return handle
 
 
+# Ray's Prometheus endpoint of the session's Ray instance (its metrics agent), for the metrics tests.
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="session")
 def serve_url(tiny_model_dir: Path, second_model_dir: Path) -> Iterator[str]:
     """A running app (ingress + preprocessor + one encoder per model) serving two tiny models."""
@@ -124,7 +128,8 @@ def serve_url(tiny_model_dir: Path, second_model_dir: Path) -> Iterator[str]:
     from ray import serve
 
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _metrics_export_port=METRICS_PORT)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         deploy_config(app_args(tiny_model_dir, second_model_dir))

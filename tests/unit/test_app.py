@@ -32,7 +32,24 @@ def test_gpu_config_asks_for_a_gpu_per_encoder_and_cpu_ones_do_not():
         args = AppArgs.model_validate(yaml.safe_load((ROOT / "deploy" / name).read_text())["applications"][0]["args"])
         return args.model_specs()[0].encoder_gpus
 
-    assert encoder_gpus("local-gpu.yaml") == 1
+    assert 0 < encoder_gpus("local-gpu.yaml") <= 1  # a GPU, or a share of one
     assert encoder_gpus("local-cpu.yaml") == 0 and encoder_gpus("dev.yaml") == 0
 
 
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_set_a_deadline_with_serves_timeout_as_the_backstop(path: Path):
+    config = yaml.safe_load(path.read_text())
+    args = AppArgs.model_validate(config["applications"][0]["args"])
+    assert args.request_timeout_s and config["http_options"]["request_timeout_s"] > args.request_timeout_s
+
+
+@pytest.mark.parametrize("name", ["local-gpu.yaml", "multi-model.yaml"])
+def test_gpu_configs_autoscale_every_pool_and_the_encoders_on_queue_depth(name: str):
+    args = AppArgs.model_validate(yaml.safe_load((ROOT / "deploy" / name).read_text())["applications"][0]["args"])
+    for pool in (args.preprocessor, args.ingress, *(spec.encoder for spec in args.model_specs())):
+        autoscaling = pool.autoscaling_config
+        assert autoscaling and autoscaling["min_replicas"] < autoscaling["max_replicas"]
+    for spec in args.model_specs():
+        assert spec.encoder.autoscaling_config["policy"]["policy_function"] == "serve_app.autoscaling:QueueDepthPolicy"

@@ -76,7 +76,8 @@ class BatchSettings(StrictModel):
 
     No wait by default, on CPUs and GPUs alike: while a forward pass runs the encoder holds new calls back and
     lets them in together (serve_app/pass_gate.py), so batches fill under load without a wait, and an idle
-    encoder starts at once; a wait would only add latency (BENCHMARKS.md, "No batch wait").
+    encoder starts at once; a wait would only add latency (BENCHMARKS.md, "Batch wait 0 against 2 ms, on one
+    server").
     """
 
     max_batch_size: int = Field(default=32, ge=1, le=4096, description="images per forward pass")

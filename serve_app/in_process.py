@@ -1,7 +1,7 @@
 """The one-process layout: the preprocessor and the encoders as plain objects inside the ingress replica.
 
 On a CPU-only box with few cores, every Ray hop costs CPU the model needs and every extra Ray worker adds
-wake-ups that preempt its threads (BENCHMARKS.md, "One process on small CPU boxes"). Here the same classes as the pools' run
+wake-ups that preempt its threads (BENCHMARKS.md, "One process (`layout: one-process`)"). Here the same classes as the pools' run
 in the ingress's process, behind an object with a DeploymentHandle's `.method.remote(...)` shape, so the
 service code (`ClipService`) does not know which layout it runs in.
 """

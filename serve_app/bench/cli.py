@@ -3,6 +3,7 @@
     clip-bench bare --model ViT-B-32 --pretrained random --threads 2
     clip-bench load --url http://127.0.0.1:8000 --model vitb32 --payload image --concurrency 1,8,32
     clip-bench compare --model ViT-B-32 --pretrained random --levels 1,32
+    clip-bench step --model ViT-B-32 --pretrained random --payload text --steps 1:30,16:120,1:120
     clip-bench gpu --smoke
     clip-bench checkpoint /tmp/vitg14-random --arch ViT-g-14
 """
@@ -309,6 +310,20 @@ def build_parser() -> argparse.ArgumentParser:
     _load_args(load)
     load.set_defaults(func=cmd_load)
 
+    step = sub.add_parser("step", help="a step load against our service with autoscaling: replicas per pool over "
+                          "time, throughput, p50/p99, refusals; JSON and PNG")
+    _model_args(step)
+    step.set_defaults(threads=1)
+    step.add_argument("--payload", default="text", choices=["text", "image"])
+    step.add_argument("--items-per-request", type=int, default=1)
+    step.add_argument("--steps", default="1:30,16:120,1:120", help="CONCURRENCY:SECONDS,... closed-loop steps")
+    step.add_argument("--max-replicas", type=int, default=2, help="the encoder pool's max_replicas")
+    step.add_argument("--app-args", default="{}", help="JSON merged over the service's args (pools merge per key)")
+    step.add_argument("--workdir", default="/tmp/clip-bench-step")
+    step.add_argument("--no-plot", action="store_true")
+    step.add_argument("--out", default=None, help="JSON path (PNG beside it; default bench-out/step-<time>.json)")
+    step.set_defaults(func=cmd_step)
+
     compare = sub.add_parser("compare", help="bare vs our service vs the naive server vs infinity-emb, one run")
     _model_args(compare)
     compare.add_argument("--levels", default="1,32", help="concurrency levels")
@@ -373,6 +388,27 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--seed", type=int, default=0)
     checkpoint.set_defaults(func=cmd_checkpoint)
     return parser
+
+
+def cmd_step(args: argparse.Namespace) -> int:
+    from serve_app.bench.report import write_json
+    from serve_app.bench.step import StepSettings, plot_step, run_step, step_table
+
+    steps = []
+    for part in _strs(args.steps):
+        concurrency, _, seconds = part.partition(":")
+        steps.append((int(concurrency), float(seconds)))
+    settings = StepSettings(model=args.model, pretrained=_pretrained(args.pretrained), threads=args.threads,
+                            payload=args.payload, items_per_request=args.items_per_request, steps=steps,
+                            max_replicas=args.max_replicas, app_args=json.loads(args.app_args), workdir=args.workdir)
+    report = run_step(settings)
+    json_path, png_path = _out_paths(args, "step")
+    write_json(json_path, report)
+    print(step_table(report))
+    print(f"\nwrote {json_path}")
+    if not args.no_plot:
+        print(f"wrote {plot_step(report, png_path)}")
+    return 0 if report["scaling"]["failed_requests"] == 0 else 1
 
 
 def main(argv: list[str] | None = None) -> int:

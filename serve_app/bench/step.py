@@ -127,7 +127,8 @@ def scaling_summary(report: dict[str, Any]) -> dict[str, Any]:
         return summary
     busiest = max(steps, key=lambda s: s["concurrency"])
     counts = [(sample["t"], sample["running"].get(encoder, 0)) for sample in timeline]
-    base = next((n for t, n in counts if t <= busiest["start"]), counts[0][1] if counts else 0)
+    before = [n for t, n in counts if t <= busiest["start"]]
+    base = before[-1] if before else (counts[0][1] if counts else 0)
     summary["max_replicas"] = max((n for _, n in counts), default=None)
     up = next((t for t, n in counts if t >= busiest["start"] and n > base), None)
     if up is not None:
@@ -177,6 +178,7 @@ def plot_step(report: dict[str, Any], path: str | Path) -> Path:
         bottom.text(start, step["requests_per_s"], f" c={step['concurrency']}", fontsize=8, va="bottom")
         top.axvspan(start, end, alpha=0.06 * min(step["concurrency"], 10), color="tab:orange")
     bottom.set_ylabel("requests/s")
+    bottom.set_ylim(bottom=0)
     bottom.set_xlabel("seconds")
     fig.suptitle("clip-bench step: replicas per pool under a step load")
     return save_figure(fig, path)

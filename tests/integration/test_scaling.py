@@ -107,26 +107,28 @@ def wait_for(condition, timeout_s: float, what: str) -> float:
     return time.monotonic() - start
 
 
-# Fast autoscaling for a test: replicas report every 0.5 s, no upscale delay, down after 3 s without load. A
-# request-count policy would keep one replica: `target_ongoing_requests` is far above the requests sent.
-FAST_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "metrics_interval_s": 0.5, "look_back_period_s": 1.0,
+# Fast autoscaling for a test: replicas report every 0.5 s, no upscale delay, down after 3 s without load, and
+# down to no replica at all. A request-count policy would keep one replica under load: `target_ongoing_requests`
+# is far above the requests sent.
+FAST_AUTOSCALING = {"min_replicas": 0, "max_replicas": 2, "metrics_interval_s": 0.5, "look_back_period_s": 1.0,
                     "upscale_delay_s": 0.0, "downscale_delay_s": 3.0, "target_ongoing_requests": 100}
 
 
 def test_encoder_pool_grows_on_queued_items_and_shrinks_after_without_failures(serve_url, tiny_model_dir):
-    """Many one-item requests, then a few many-item ones: both scale the pool up (on items, not requests), and
-    it shrinks back after each load; every request is answered 200."""
+    """From no replica (min_replicas 0): many one-item requests, then a few many-item ones, each scale the pool
+    up to its maximum (on items, not requests) and it shrinks back to none after each load; every request is
+    answered 200, the first ones after a cold start."""
     name = deploy("scaling", tiny_model_dir, {"autoscaling_config": FAST_AUTOSCALING, "num_cpus": 0.1},
                   pass_s=0.2, batching={"max_batch_size": 4, "text_max_batch_size": 4})
     url, deployment = f"{serve_url}/{name}", f"{name}-encoder"
     try:
-        assert running_replicas(name, deployment) == 1
+        wait_for(lambda: running_replicas(name, deployment) == 0, 60, "no encoder replica while idle")
         for body, clients in (({"input": "one text"}, 12), ({"input": [f"text {i}" for i in range(12)]}, 2)):
             with Load(url, body, clients) as load:
-                wait_for(lambda: running_replicas(name, deployment) == 2, 60, f"scale-up under {clients} clients")
+                wait_for(lambda: running_replicas(name, deployment) == 2, 90, f"scale-up under {clients} clients")
                 served = sum(load.statuses.values())
                 wait_for(lambda: sum(load.statuses.values()) > served + 4, 30, "requests served after scale-up")
-            wait_for(lambda: running_replicas(name, deployment) == 1, 60, "scale-down after the load")
+            wait_for(lambda: running_replicas(name, deployment) == 0, 60, "scale-down after the load")
             assert set(load.statuses) == {200}, load.statuses
         # the value the policy acted on, exported from the controller
         wait_for(lambda: sample_sum(scrape(), "ray_clip_autoscaling_desired_replicas", deployment=deployment) >= 0

@@ -27,3 +27,11 @@ def test_the_step_service_autoscales_every_pool_with_the_queue_depth_policy():
     assert encoder.num_cpus == 0.25 and encoder.autoscaling_config["max_replicas"] == 3
     assert encoder.autoscaling_config["policy"]["policy_function"] == "serve_app.autoscaling:QueueDepthPolicy"
     assert args.preprocessor.autoscaling_config["max_replicas"] == 2
+
+
+def test_the_replicas_before_the_step_are_the_last_ones_seen_before_it():
+    """Start-up samples (no replica yet) before the load do not count as the pool's size at the step."""
+    timeline = [{"t": t, "running": {"ClipEncoder-m": n}} for t, n in [(0, 0), (5, 1), (10, 1), (12, 2), (30, 1)]]
+    report = {"steps": [step(16, 10, 20)], "timeline": timeline}
+    summary = scaling_summary(report)
+    assert summary["scale_up_s"] == 2 and summary["scale_down_s"] == 10

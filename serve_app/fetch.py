@@ -50,6 +50,12 @@ def refused_address(address: Address) -> str | None:
     return None
 
 
+async def resolve(host: str, port: int) -> list[Address]:
+    """The system's addresses for `host` (it also parses every IPv4 spelling inet_aton takes)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    return [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+
+
 def host_allowed(policy: list[str], host: str, port: int) -> bool:
     """`host` (as the URL writes it, lower-case, IPv6 without brackets) on the list, alone or with `port`."""
     written = f"[{host}]" if ":" in host else host
@@ -138,15 +144,10 @@ class ImageFetcher:
         port = port or (443 if parts.scheme.lower() == "https" else 80)
         if isinstance(self.policy, list) and not host_allowed(self.policy, host, port):
             raise InvalidRequest(f"image URL host {host!r} is not on this server's allow-list", param=param)
-        loop = asyncio.get_running_loop()
         try:
-            infos = await asyncio.wait_for(
-                loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP),
-                self.limits.url_connect_timeout_s,
-            )
-        except (OSError, asyncio.TimeoutError, UnicodeError):
+            addresses = await asyncio.wait_for(resolve(host, port), self.limits.url_connect_timeout_s)
+        except (OSError, asyncio.TimeoutError, UnicodeError, ValueError):
             raise InvalidRequest(f"image URL host {host!r} does not resolve", param=param) from None
-        addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
         if not addresses:
             raise InvalidRequest(f"image URL host {host!r} does not resolve", param=param)
         if self.policy == "public":

@@ -132,6 +132,12 @@ def _refuse(scope: Any, receive: Any, send: Any, status: int, message: str, erro
     return _json(error_body(status, message, error_type).body, status, headers)(scope, receive, send)
 
 
+def _route_path(scope: Any) -> str:
+    """The path below the application's route prefix (Serve passes the prefix as `root_path`)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
 def _body_cap(receive: Any, limit: int) -> Any:
     """`receive` that counts body bytes and fails once they pass `limit` (a chunked body has no length)."""
     seen = 0
@@ -175,7 +181,7 @@ class EveryRequest:
             await send(message)
 
         try:
-            if GUARD.api_keys and scope["path"] not in OPEN_ROUTES:
+            if GUARD.api_keys and _route_path(scope) not in OPEN_ROUTES:
                 if not key_matches(bearer_token(headers.get("authorization")), GUARD.api_keys):
                     status = 401
                     message = ("Incorrect API key provided" if headers.get("authorization") else

@@ -58,6 +58,30 @@ class Unavailable(ServeAppError):
 class MappedError:
     status_code: int
     body: dict[str, Any]
+    headers: dict[str, str] | None = None
+
+
+RETRY_AFTER_S = 1
+
+# Ray's own failures that a retry may cure: a full queue (429), a replica that died or is being replaced (503).
+_OVERLOADED = ("BackPressureError",)
+_UNAVAILABLE = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "DeploymentUnavailableError",
+                "ReplicaUnavailableError", "WorkerCrashedError", "NodeDiedError")
+
+
+def _ray_failure(exc: BaseException) -> type[ServeAppError] | None:
+    """Overloaded or Unavailable when `exc` (or what it wraps) is one of Ray's retryable failures."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        names = {cls.__name__ for cls in type(current).__mro__}
+        if names & set(_OVERLOADED):
+            return Overloaded
+        if names & set(_UNAVAILABLE):
+            return Unavailable
+        current = getattr(current, "cause", None) or current.__cause__
+    return None
 
 
 def find_app_error(exc: BaseException) -> ServeAppError | None:
@@ -76,9 +100,18 @@ def error_payload(exc: BaseException, request_id: str | None = None) -> MappedEr
     """Maps any exception to (status, {"error": {message, type, param, code}}); `code` is the status."""
     app_error = find_app_error(exc)
     if app_error is None:
+        failure = _ray_failure(exc)
+        if failure is not None:  # retryable: say when (clients such as the openai SDK honour Retry-After)
+            message = ("the service is busy; retry" if failure is Overloaded
+                       else "a replica of the service is restarting; retry")
+            mapped = error_body(failure.status_code, message, failure.error_type)
+            return MappedError(mapped.status_code, mapped.body, {"Retry-After": str(RETRY_AFTER_S)})
         message = "Internal error" + (f" (request id {request_id})" if request_id else "")
         return error_body(500, message, "server_error")
-    return error_body(app_error.status_code, app_error.message, app_error.error_type, app_error.param)
+    mapped = error_body(app_error.status_code, app_error.message, app_error.error_type, app_error.param)
+    if app_error.status_code in (429, 503):
+        return MappedError(mapped.status_code, mapped.body, {"Retry-After": str(RETRY_AFTER_S)})
+    return mapped
 
 
 def error_body(status: int, message: str, error_type: str, param: str | None = None) -> MappedError:

@@ -208,7 +208,7 @@ class EveryRequest:
             if started:  # too late to answer differently; the client sees a cut response
                 raise
             status = mapped.status_code
-            await _json(mapped.body, mapped.status_code)(scope, receive, send)
+            await _json(mapped.body, mapped.status_code, mapped.headers)(scope, receive, send)
         finally:
             route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
             metrics.observe_request(route, status, time.perf_counter() - start)

@@ -170,6 +170,11 @@ class RequestLimits(StrictModel):
         default=32 * 1024 * 1024, ge=1024,
         description="request body size: 413 from Content-Length before reading, or once a chunked body passes it",
     )
+    body_read_timeout_s: float = Field(
+        default=30.0, gt=0,
+        description="seconds from the request's start until its whole body has arrived; a client that trickles "
+        "its body past it gets 408 and frees its ingress slot",
+    )
     max_text_chars: int = Field(
         default=1000, ge=1,
         description="characters per text input, label and rerank query/document (400 past it). CLIP reads at "

@@ -39,6 +39,11 @@ class ModelNotFound(ServeAppError):
     error_type = "invalid_request_error"
 
 
+class RequestTimeout(ServeAppError):
+    status_code = 408
+    error_type = "invalid_request_error"
+
+
 class PayloadTooLarge(ServeAppError):
     status_code = 413
     error_type = "invalid_request_error"

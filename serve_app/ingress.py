@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serve_app import metrics
 from serve_app.auth import OPEN_ROUTES, bearer_token, key_matches, open_network_warning, resolve_api_keys
 from serve_app.config import ImageLimits, ImageURLPolicy, ModelSpec, RequestLimits, ZeroShotSettings
-from serve_app.errors import PayloadTooLarge, error_body, error_payload, find_app_error
+from serve_app.errors import PayloadTooLarge, RequestTimeout, error_body, error_payload, find_app_error
 from serve_app.in_process import in_process_pools
 from serve_app.inputs import check_count, check_request_budget, collect_inputs, input_from_item
 from serve_app.modeling import load_model_config
@@ -44,7 +44,7 @@ logger = logging.getLogger("ray.serve")
 
 HEALTH_TIMEOUT_S = 10.0
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 500, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 422, 429, 500, 503)
 }
 
 app = FastAPI(
@@ -114,17 +114,19 @@ class _Guard:
 
     api_keys: tuple[bytes, ...] = ()
     max_body_bytes: int = RequestLimits().max_body_bytes
+    body_read_timeout_s: float = RequestLimits().body_read_timeout_s
 
 
 GUARD = _Guard()
 
 
-def configure_guard(api_keys: tuple[bytes, ...], max_body_bytes: int) -> None:
+def configure_guard(api_keys: tuple[bytes, ...], max_body_bytes: int, body_read_timeout_s: float) -> None:
     """Sets this process's GUARD. Called from the replica's constructor through this module-level function:
     Ray Serve pickles the deployment class by value, so a constructor that named GUARD itself would set a
     copy, not the one `EveryRequest` reads."""
     GUARD.api_keys = api_keys
     GUARD.max_body_bytes = max_body_bytes
+    GUARD.body_read_timeout_s = body_read_timeout_s
 
 
 def _refuse(scope: Any, receive: Any, send: Any, status: int, message: str, error_type: str = "invalid_request_error",
@@ -138,14 +140,23 @@ def _route_path(scope: Any) -> str:
     return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
-def _body_cap(receive: Any, limit: int) -> Any:
-    """`receive` that counts body bytes and fails once they pass `limit` (a chunked body has no length)."""
+def _body_cap(receive: Any, limit: int, timeout_s: float) -> Any:
+    """`receive` that counts body bytes and fails once they pass `limit` (a chunked body has no length), or
+    once the body has taken longer than `timeout_s` from the request's start to arrive (a trickling client)."""
     seen = 0
+    deadline = time.monotonic() + timeout_s
+    done = False
 
     async def capped() -> dict:
-        nonlocal seen
-        message = await receive()
+        nonlocal seen, done
+        if done:  # after the body only a disconnect can come: no deadline on waiting for it
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {timeout_s:g}s") from None
         if message["type"] == "http.request":
+            done = not message.get("more_body", False)
             seen += len(message.get("body", b""))
             if seen > limit:
                 raise PayloadTooLarge(f"request body is larger than the {limit} byte limit")
@@ -199,7 +210,7 @@ class EveryRequest:
                     await _refuse(scope, receive, send, 413,
                                   f"request body is {int(length)} bytes; the limit is {GUARD.max_body_bytes}")
                     return
-            await self.app(scope, _body_cap(receive, GUARD.max_body_bytes), send_and_watch)
+            await self.app(scope, _body_cap(receive, GUARD.max_body_bytes, GUARD.body_read_timeout_s), send_and_watch)
         except Exception as exc:  # the one error mapper
             request_id = headers.get("x-request-id") or uuid.uuid4().hex
             mapped = error_payload(exc, request_id)
@@ -257,7 +268,7 @@ class OpenAIIngress:
         self._limits = limits or RequestLimits()
         self._url_policy = image_url_policy
         keys = resolve_api_keys(api_keys, api_keys_file)
-        configure_guard(keys, self._limits.max_body_bytes)
+        configure_guard(keys, self._limits.max_body_bytes, self._limits.body_read_timeout_s)
         logger.info("API keys: %d configured", len(keys))  # the count, never a key
         _warn_if_open(keys)
         self._in_process: list[Any] = []

@@ -179,3 +179,32 @@ def test_body_cap_from_content_length_before_reading_and_while_reading(monkeypat
     assert status == 413 and "100 byte" in body["error"]["message"]
     status, body, _ = asyncio.run(_call(_reading_app, {"transfer-encoding": "chunked"}, [b"x" * 50] * 2))
     assert status == 200 and body == {"read": 100}
+
+
+def test_a_trickling_body_gets_408_after_the_read_timeout(monkeypatch):
+    from serve_app import ingress
+
+    monkeypatch.setattr(ingress.GUARD, "max_body_bytes", 10_000)
+    monkeypatch.setattr(ingress.GUARD, "body_read_timeout_s", 0.3)
+    monkeypatch.setattr(ingress.GUARD, "api_keys", ())
+
+    async def trickle():
+        from serve_app.ingress import EveryRequest
+
+        sent = []
+
+        async def receive():
+            await asyncio.sleep(0.1)
+            return {"type": "http.request", "body": b"x", "more_body": True}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "raw_path": b"/", "query_string": b"",
+                 "headers": []}
+        start = asyncio.get_running_loop().time()
+        await EveryRequest(_reading_app)(scope, receive, send)
+        return sent[0]["status"], asyncio.get_running_loop().time() - start
+
+    status, elapsed = asyncio.run(trickle())
+    assert status == 408 and elapsed < 1.0

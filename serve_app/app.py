@@ -24,7 +24,7 @@ def build_app(args: AppArgs) -> Application:
         (spec,) = specs
         return OpenAIIngress.options(user_config=spec.batching.model_dump(), **spec.encoder_options).bind(
             None, None, [_constructor_spec(spec)], args.max_inputs_per_request, args.zero_shot, args.image_limits,
-            args.request_timeout_s,
+            **_hardening(args),
         )
     encoders: dict[str, Any] = {}
     for spec in specs:
@@ -33,10 +33,24 @@ def build_app(args: AppArgs) -> Application:
             user_config=spec.batching.model_dump(),
             **spec.encoder_options,
         ).bind(_constructor_spec(spec))
-    preprocessor = Preprocessor.options(**args.preprocessor.deployment_options()).bind(specs, args.image_limits)
-    return OpenAIIngress.options(**args.ingress.deployment_options()).bind(
-        preprocessor, encoders, specs, args.max_inputs_per_request, args.zero_shot, None, args.request_timeout_s
+    preprocessor = Preprocessor.options(**args.preprocessor.deployment_options()).bind(
+        specs, args.image_limits, args.limits, args.image_url_policy
     )
+    return OpenAIIngress.options(**args.ingress.deployment_options()).bind(
+        preprocessor, encoders, specs, args.max_inputs_per_request, args.zero_shot, None, **_hardening(args)
+    )
+
+
+def _hardening(args: AppArgs) -> dict[str, Any]:
+    """The ingress's deadline, request limits, API key sources and image URL policy (keys are resolved in the
+    replica)."""
+    return {
+        "request_timeout_s": args.request_timeout_s,
+        "limits": args.limits,
+        "api_keys": args.api_keys,
+        "api_keys_file": args.api_keys_file,
+        "image_url_policy": args.image_url_policy,
+    }
 
 
 def _constructor_spec(spec: ModelSpec) -> ModelSpec:

@@ -246,6 +246,50 @@ class ZeroShotSettings(StrictModel):
     )
 
 
+class RequestLimits(StrictModel):
+    """Per-request limits, each checked before the work it protects; each breach is a 4xx in OpenAI's error
+    shape that names the offending `param`. The older caps stay where they were: `max_inputs_per_request`
+    (items), `image_limits` (per image) and `zero_shot` (labels, templates)."""
+
+    max_body_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1024,
+        description="request body size: 413 from Content-Length before reading, or once a chunked body passes it",
+    )
+    body_read_timeout_s: float = Field(
+        default=30.0, gt=0,
+        description="seconds from the request's start until its whole body has arrived; a client that trickles "
+        "its body past it gets 408 and frees its ingress slot",
+    )
+    max_text_chars: int = Field(
+        default=1000, ge=1,
+        description="characters per text input, label and rerank query/document (400 past it). CLIP reads at "
+        "most 77 tokens (a few hundred characters), but open_clip tokenizes the whole text first, in time "
+        "quadratic in a word's length: one 1,000-letter word takes ~0.1 s, one of 8,000 ~4 s",
+    )
+    max_request_text_chars: int = Field(
+        default=65_536, ge=1,
+        description="characters of all texts and labels of one request together (ImageNet's 1,000 class names "
+        "are ~15,000); bounds one request's tokenizer time to a few seconds at worst",
+    )
+    max_template_chars: int = Field(default=256, ge=3, description="characters per prompt template")
+    max_prompts_per_request: int = Field(
+        default=100_000, ge=1, description="labels x templates of one /v1/classify request (ImageNet: 80,000)",
+    )
+    max_request_image_pixels: int = Field(
+        default=200_000_000, ge=1,
+        description="width*height of all images of one request together, checked from headers before decoding",
+    )
+    max_request_image_bytes: int = Field(
+        default=48 * 1024 * 1024, ge=1, description="encoded bytes of all images of one request (inline or fetched)",
+    )
+    url_connect_timeout_s: float = Field(default=5.0, gt=0, description="image URLs: resolving and connecting")
+    url_total_timeout_s: float = Field(default=20.0, gt=0, description="image URLs: one fetch, redirects included")
+    url_max_redirects: int = Field(default=3, ge=0, le=10, description="image URLs: redirects followed")
+
+
+ImageURLPolicy = Literal["off", "public"] | list[str]
+
+
 class AppArgs(StrictModel):
     """Arguments of `serve_app.app:build_app` (YAML `args:` or `serve run ... key=value`).
 
@@ -281,6 +325,19 @@ class AppArgs(StrictModel):
     )
     image_limits: ImageLimits = Field(default_factory=ImageLimits)
     zero_shot: ZeroShotSettings = Field(default_factory=lambda: ZeroShotSettings())
+    # hardening (docs/SECURITY-section.md)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+    api_keys: list[str] | None = Field(
+        default=None,
+        description="keys accepted as `Authorization: Bearer <key>`; also CLIP_API_KEYS (comma-separated) or "
+        "a file (`api_keys_file` / CLIP_API_KEYS_FILE, one key a line), read by the ingress replica at start",
+    )
+    api_keys_file: str | None = Field(default=None, description="file of API keys, one a line ('#' comments)")
+    image_url_policy: ImageURLPolicy = Field(
+        default="off",
+        description="image URLs: off (refused), public (http/https to public addresses only), or a list of "
+        "allowed hosts as written in the URL (`host` or `host:port`)",
+    )
 
     @field_validator("preprocessor", "ingress", mode="before")
     @classmethod
@@ -331,3 +388,17 @@ class AppArgs(StrictModel):
             if specs[0].device == "cuda" or specs[0].encoder_gpus:
                 raise ValueError("layout one-process is for CPU-only machines; use layout pools with a GPU")
         return self
+
+    @field_validator("image_url_policy")
+    @classmethod
+    def _url_hosts(cls, policy: ImageURLPolicy) -> ImageURLPolicy:
+        """Hosts as the URL writes them, lower-case; `host:port` or `host` (any port); IPv6 in brackets."""
+        if isinstance(policy, list):
+            if not policy:
+                raise ValueError("image_url_policy: an empty list allows nothing; write 'off'")
+            hosts = [entry.strip().lower() for entry in policy]
+            for host in hosts:
+                if not host or "/" in host or "@" in host:
+                    raise ValueError(f"image_url_policy: {host!r} is not `host` or `host:port`")
+            return hosts
+        return policy

@@ -44,6 +44,11 @@ class ModelNotFound(ServeAppError):
     error_type = "invalid_request_error"
 
 
+class RequestTimeout(ServeAppError):
+    status_code = 408
+    error_type = "invalid_request_error"
+
+
 class PayloadTooLarge(ServeAppError):
     status_code = 413
     error_type = "invalid_request_error"
@@ -80,6 +85,26 @@ class MappedError:
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
     reason: str | None = None  # why the request was refused, for the rejections metric (None: not a rejection)
+
+
+# Every 429 and 503 says when to retry (clients such as the openai SDK honour Retry-After).
+RETRY_AFTER_S = 1
+
+# Ray's failures that a retry may cure: a replica that died or is being replaced (503).
+_UNAVAILABLE = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "DeploymentUnavailableError",
+                "ReplicaUnavailableError", "WorkerCrashedError", "NodeDiedError")
+
+
+def _replica_lost(exc: BaseException) -> bool:
+    """Whether `exc` (or what it wraps) is one of Ray's failures of a replica that a retry may cure."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if {cls.__name__ for cls in type(current).__mro__} & set(_UNAVAILABLE):
+            return True
+        current = getattr(current, "cause", None) or current.__cause__
+    return False
 
 
 def find_app_error(exc: BaseException) -> ServeAppError | None:
@@ -125,13 +150,18 @@ def pool_refusal(exc: BaseException) -> ServeAppError | None:
 def error_payload(exc: BaseException, request_id: str | None = None) -> MappedError:
     """Maps any exception to (status, {"error": {message, type, param, code}}); `code` is the status."""
     app_error = find_app_error(exc) or pool_refusal(exc)
+    if app_error is None and _replica_lost(exc):
+        app_error = PoolUnavailable("a replica of the service is restarting; retry")
     if app_error is None:
         message = "Internal error" + (f" (request id {request_id})" if request_id else "")
         return error_body(500, message, "server_error")
     mapped = error_body(app_error.status_code, app_error.message, app_error.error_type, app_error.param)
     headers = {}
-    if app_error.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(app_error.retry_after_s)))
+    retry_after = app_error.retry_after_s
+    if retry_after is None and app_error.status_code in (429, 503):
+        retry_after = RETRY_AFTER_S
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     return MappedError(mapped.status_code, mapped.body, headers, app_error.reason)
 
 

@@ -50,6 +50,11 @@ def decode_base64(data: str, param: str, limits: ImageLimits) -> bytes:
 
 def open_image(raw: bytes, param: str, limits: ImageLimits) -> Image.Image:
     """Opens, checks size from the header alone, then decodes fully and applies EXIF orientation."""
+    return load_image(probe_image(raw, param, limits), param)
+
+
+def probe_image(raw: bytes, param: str, limits: ImageLimits) -> Image.Image:
+    """Opens an image from its header alone (format allow-list, per-image pixel cap); nothing is decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -73,11 +78,32 @@ def open_image(raw: bytes, param: str, limits: ImageLimits) -> Image.Image:
             f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_image_pixels}",
             param=param,
         )
+    return image
+
+
+def load_image(image: Image.Image, param: str) -> Image.Image:
+    """Decodes a probed image (the first frame of an animation) and applies its EXIF orientation."""
     try:
-        image.load()  # first frame of an animation
+        image.load()
         return ImageOps.exif_transpose(image)
     except Exception:
         raise InvalidRequest("image data is truncated or corrupt", param=param) from None
+
+
+def check_request_pixels(images: list[Image.Image], params: list[str], budget: int) -> None:
+    """All images of a request together, from their headers, before any is decoded."""
+    total = 0
+    for image, param in zip(images, params):
+        total += image.size[0] * image.size[1]
+        if total > budget:
+            raise PayloadTooLarge(
+                f"the request's images have more than {budget} pixels together (at {param})",
+                param=_list_param(param),
+            )
+
+
+def _list_param(param: str) -> str:
+    return param.split("[", 1)[0].split(".", 1)[0]
 
 
 def decode_image(data: str, param: str, limits: ImageLimits) -> Image.Image:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from serve_app.config import ImageLimits, ModelSpec
+from serve_app.config import ImageLimits, ImageURLPolicy, ModelSpec, RequestLimits
 from serve_app.encoder import ClipEncoder
 from serve_app.preprocess import Preprocessor
 
@@ -43,11 +43,14 @@ class InProcessHandle:
         return _InProcessMethod(getattr(self.target, name))
 
 
-def in_process_pools(specs: list[ModelSpec], limits: ImageLimits) -> tuple[InProcessHandle, dict[str, InProcessHandle]]:
+def in_process_pools(
+    specs: list[ModelSpec], limits: ImageLimits, request_limits: RequestLimits | None = None,
+    url_policy: ImageURLPolicy = "off",
+) -> tuple[InProcessHandle, dict[str, InProcessHandle]]:
     """The Preprocessor and one ClipEncoder per model, built in this process (each model loaded once)."""
     # The Preprocessor keeps torch to one thread for its own replica; here that would starve the encoder.
     threads = torch.get_num_threads()
-    preprocessor = Preprocessor.func_or_class(specs, limits)
+    preprocessor = Preprocessor.func_or_class(specs, limits, request_limits, url_policy)
     torch.set_num_threads(threads)
     encoders = {}
     for spec in specs:

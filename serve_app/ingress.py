@@ -5,6 +5,7 @@ API keys and rate limits belong there too. Routes parse, await the service, and 
 """
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -12,16 +13,19 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from ray import serve
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import metrics
-from serve_app.config import ImageLimits, ModelSpec, ZeroShotSettings
-from serve_app.errors import DeadlineExceeded, error_body, error_payload
+from serve_app.auth import OPEN_ROUTES, bearer_token, key_matches, open_network_warning, resolve_api_keys
+from serve_app.config import ImageLimits, ImageURLPolicy, ModelSpec, RequestLimits, ZeroShotSettings
+from serve_app.errors import (
+    DeadlineExceeded, PayloadTooLarge, RequestTimeout, error_body, error_payload, find_app_error,
+)
 from serve_app.in_process import in_process_pools
-from serve_app.inputs import check_count, collect_inputs, input_from_item
+from serve_app.inputs import check_count, check_request_budget, collect_inputs, input_from_item
 from serve_app.modeling import load_model_config
 from serve_app.protocol import (
     ClassifyRequest,
@@ -36,13 +40,13 @@ from serve_app.protocol import (
     RerankResponse,
 )
 from serve_app.serving import ClipService, ServedModel, check_dimensions, embedding_response
-from serve_app.zero_shot import resolve_templates
+from serve_app.zero_shot import check_labels, check_prompt_count, resolve_templates
 
 logger = logging.getLogger("ray.serve")
 
 HEALTH_TIMEOUT_S = 10.0
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 404, 413, 422, 429, 500, 503, 504)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 422, 429, 500, 503, 504)
 }
 
 app = FastAPI(
@@ -55,7 +59,9 @@ app = FastAPI(
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     if hasattr(payload, "model_dump_json"):
         return Response(payload.model_dump_json(), status_code=status, media_type="application/json", headers=headers)
-    return JSONResponse(payload, status_code=status, headers=headers)
+    # ASCII-escaped: an error that quotes a client's string stays valid UTF-8 even if the string was not.
+    body = json.dumps(payload, ensure_ascii=True, separators=(",", ":"))
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -93,10 +99,75 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    cause = find_app_error(exc)  # FastAPI wraps what reading the body raised (the body size cap) in a 400
+    if cause is not None:
+        mapped = error_payload(cause)
+        return _json(mapped.body, mapped.status_code)
     return _json(error_body(exc.status_code, str(exc.detail), "invalid_request_error").body, exc.status_code)
 
 
-KNOWN_ROUTES = {"/v1/embeddings", "/v1/classify", "/v1/rerank", "/v1/models", "/health", "/openapi.json", "/docs"}
+KNOWN_ROUTES = {"/v1/embeddings", "/v1/classify", "/v1/rerank", "/v1/models", "/health", "/livez", "/openapi.json",
+                "/docs"}
+
+
+class _Guard:
+    """What `EveryRequest` enforces before any route runs; set by the ingress replica's constructor (one
+    ingress per process). Until then nothing is served, so the defaults never answer a request."""
+
+    api_keys: tuple[bytes, ...] = ()
+    max_body_bytes: int = RequestLimits().max_body_bytes
+    body_read_timeout_s: float = RequestLimits().body_read_timeout_s
+    request_timeout_s: float | None = None  # the server's deadline per request
+
+
+GUARD = _Guard()
+
+
+def configure_guard(api_keys: tuple[bytes, ...], max_body_bytes: int, body_read_timeout_s: float,
+                    request_timeout_s: float | None = None) -> None:
+    """Sets this process's GUARD. Called from the replica's constructor through this module-level function:
+    Ray Serve pickles the deployment class by value, so a constructor that named GUARD itself would set a
+    copy, not the one `EveryRequest` reads."""
+    GUARD.api_keys = api_keys
+    GUARD.max_body_bytes = max_body_bytes
+    GUARD.body_read_timeout_s = body_read_timeout_s
+    GUARD.request_timeout_s = request_timeout_s
+
+
+def _refuse(scope: Any, receive: Any, send: Any, status: int, message: str, error_type: str = "invalid_request_error",
+            headers: dict[str, str] | None = None) -> Any:
+    return _json(error_body(status, message, error_type).body, status, headers)(scope, receive, send)
+
+
+def _route_path(scope: Any) -> str:
+    """The path below the application's route prefix (Serve passes the prefix as `root_path`)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
+def _body_cap(receive: Any, limit: int, timeout_s: float) -> Any:
+    """`receive` that counts body bytes and fails once they pass `limit` (a chunked body has no length), or
+    once the body has taken longer than `timeout_s` from the request's start to arrive (a trickling client)."""
+    seen = 0
+    deadline = time.monotonic() + timeout_s
+    done = False
+
+    async def capped() -> dict:
+        nonlocal seen, done
+        if done:  # after the body only a disconnect can come: no deadline on waiting for it
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {timeout_s:g}s") from None
+        if message["type"] == "http.request":
+            done = not message.get("more_body", False)
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise PayloadTooLarge(f"request body is larger than the {limit} byte limit")
+        return message
+
+    return capped
 
 
 class EveryRequest:
@@ -106,7 +177,7 @@ class EveryRequest:
     request). Ray Serve's proxy already gives every request an `x-request-id` (the client's, or a new one) and
     echoes it in the response; errors quote it so that a log line can be found from a client's report.
 
-    The server's deadline (`request_timeout_s` of the app, kept in `app.state`) is enforced here so that a late
+    The server's deadline (`request_timeout_s` of the app, in GUARD) is enforced here so that a late
     request gets OpenAI's error shape, and so that no client header lifts it: Ray's HTTP entry lets
     `x-request-timeout-seconds: 0` switch its own timeout (`http_options.request_timeout_s`, a little longer
     here, the backstop) off. Ray cancels the requests of clients that go away, and drops their calls from the
@@ -124,7 +195,8 @@ class EveryRequest:
         start = time.perf_counter()
         status = 500
         started = False
-        route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
+        headers = Headers(scope=scope)
+        route = _route_path(scope) if _route_path(scope) in KNOWN_ROUTES else "other"
 
         async def send_and_watch(message: dict) -> None:
             nonlocal status, started
@@ -133,9 +205,30 @@ class EveryRequest:
             await send(message)
 
         try:
-            await self._bounded(scope, receive, send_and_watch)
+            if GUARD.api_keys and _route_path(scope) not in OPEN_ROUTES:
+                if not key_matches(bearer_token(headers.get("authorization")), GUARD.api_keys):
+                    status = 401
+                    metrics.count_rejected(route, "unauthorized")
+                    message = ("Incorrect API key provided" if headers.get("authorization") else
+                               "Missing API key: send `Authorization: Bearer <key>`")
+                    await _refuse(scope, receive, send, 401, message, headers={"WWW-Authenticate": "Bearer"})
+                    return
+            length = headers.get("content-length")
+            if length is not None:
+                if not length.isdigit():
+                    status = 400
+                    await _refuse(scope, receive, send, 400, "invalid Content-Length header")
+                    return
+                if int(length) > GUARD.max_body_bytes:  # before a byte of the body is read
+                    status = 413
+                    metrics.count_rejected(route, "too_large")
+                    await _refuse(scope, receive, send, 413,
+                                  f"request body is {int(length)} bytes; the limit is {GUARD.max_body_bytes}")
+                    return
+            body = _body_cap(receive, GUARD.max_body_bytes, GUARD.body_read_timeout_s)
+            await self._bounded(scope, body, send_and_watch)
         except Exception as exc:  # the one error mapper
-            request_id = Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex
+            request_id = headers.get("x-request-id") or uuid.uuid4().hex
             mapped = error_payload(exc, request_id)
             if mapped.status_code >= 500 and mapped.reason is None:
                 logger.exception("request %s failed", request_id)
@@ -150,7 +243,7 @@ class EveryRequest:
 
     async def _bounded(self, scope: Any, receive: Any, send: Any) -> None:
         """Runs the app within the server's deadline."""
-        timeout = getattr(scope["app"].state, "request_timeout_s", None)
+        timeout = GUARD.request_timeout_s
         if timeout is None:
             await self.app(scope, receive, send)
             return
@@ -165,6 +258,23 @@ class EveryRequest:
 app.add_middleware(EveryRequest)
 
 
+def _warn_if_open(keys: tuple[bytes, ...]) -> None:
+    """A loud warning when Serve's HTTP options bind beyond loopback and no API keys are set. The bind host
+    is Serve's (`http_options.host`, what HAProxy and this replica's own HTTP server bind), asked of the
+    controller; if it cannot be asked, nothing is claimed."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        options = _get_global_client().http_config
+        host, port = options.host, options.port
+    except Exception:  # not under a Serve controller (unit tests, the bare benchmark)
+        return
+    warning = open_network_warning(host, port, keys)
+    if warning:
+        logger.warning(warning)
+        print(warning, flush=True)  # also on the replica's stderr, which `serve run` shows
+
+
 # Ray options come from the pool settings (serve_app/config.py, POOL_DEFAULTS), applied by build_app.
 @serve.deployment
 @serve.ingress(app)
@@ -177,14 +287,27 @@ class OpenAIIngress:
         max_inputs_per_request: int,
         zero_shot: ZeroShotSettings,
         image_limits: ImageLimits | None = None,
+        limits: RequestLimits | None = None,
+        api_keys: list[str] | None = None,
+        api_keys_file: str | None = None,
+        image_url_policy: ImageURLPolicy = "off",
         request_timeout_s: float | None = None,
     ) -> None:
         """`preprocessor` and `encoders` are handles of the other pools, or None in the one-process
-        layout: then this replica builds them itself (`in_process_pools`) from `models` and `image_limits`."""
-        app.state.request_timeout_s = request_timeout_s  # the deadline EveryRequest holds
+        layout: then this replica builds them itself (`in_process_pools`) from `models` and `image_limits`.
+
+        API keys are resolved here (args, CLIP_API_KEYS, a keys file), in the replica, never at import."""
+        self._limits = limits or RequestLimits()
+        self._url_policy = image_url_policy
+        keys = resolve_api_keys(api_keys, api_keys_file)
+        configure_guard(keys, self._limits.max_body_bytes, self._limits.body_read_timeout_s, request_timeout_s)
+        logger.info("API keys: %d configured", len(keys))  # the count, never a key
+        _warn_if_open(keys)
         self._in_process: list[Any] = []
         if preprocessor is None:
-            preprocessor, encoders = in_process_pools(models, image_limits or ImageLimits())
+            preprocessor, encoders = in_process_pools(
+                models, image_limits or ImageLimits(), self._limits, image_url_policy
+            )
             self._in_process = [handle.target for handle in encoders.values()]
         served = {
             spec.name: ServedModel(spec.name, load_model_config(spec.model, spec.pretrained), encoders[spec.name])
@@ -220,7 +343,8 @@ class OpenAIIngress:
     async def create_embeddings(self, request: EmbeddingRequest) -> Response:
         model = self._service.model(request.model)
         check_dimensions(model, request.dimensions)
-        inputs = collect_inputs(request, self._max_inputs)
+        inputs = collect_inputs(request, self._max_inputs, self._url_policy)
+        check_request_budget(inputs, self._limits)
         embedded = await self._service.embed(model, inputs)
         return _json(embedding_response(model, embedded, request.encoding_format))
 
@@ -228,8 +352,13 @@ class OpenAIIngress:
     async def classify(self, request: ClassifyRequest) -> Response:
         """Zero-shot classification of each input over `labels`, as open_clip's zero-shot evaluation."""
         model = self._service.model(request.model)
-        templates = resolve_templates(request.prompt_templates, self._service.zero_shot.max_templates)
-        inputs = collect_inputs(request, self._max_inputs)
+        templates = resolve_templates(
+            request.prompt_templates, self._service.zero_shot.max_templates, self._limits.max_template_chars
+        )
+        check_labels(request.labels, self._service.zero_shot.max_labels, self._limits.max_text_chars)
+        check_prompt_count(len(request.labels), len(templates), self._limits.max_prompts_per_request)
+        inputs = collect_inputs(request, self._max_inputs, self._url_policy)
+        check_request_budget(inputs, self._limits, extra_text_chars=sum(map(len, request.labels)))
         response = await self._service.classify(model, inputs, request.labels, templates, request.top_k)
         return _json(response)
 
@@ -238,14 +367,22 @@ class OpenAIIngress:
         """Documents (text or images) ordered by cosine similarity to the query (text or image)."""
         model = self._service.model(request.model)
         check_count(len(request.documents), self._max_inputs, "documents")
-        query = input_from_item(request.query, "query")
-        documents = [input_from_item(d, f"documents[{i}]") for i, d in enumerate(request.documents)]
+        query = input_from_item(request.query, "query", url_policy=self._url_policy)
+        documents = [
+            input_from_item(d, f"documents[{i}]", url_policy=self._url_policy) for i, d in enumerate(request.documents)
+        ]
+        check_request_budget([query, *documents], self._limits)
         originals = [d if isinstance(d, str) else d.model_dump(exclude_none=True) for d in request.documents]
         response = await self._service.rerank(
             model, query, documents, originals, request.top_n, request.return_documents
         )
         body = response.model_dump_json(exclude_none=True)
         return Response(body, media_type="application/json")
+
+    @app.get("/livez")
+    async def livez(self) -> Response:
+        """Liveness: this replica's event loop answers. No API key needed, no pool is asked."""
+        return _json({"status": "ok"})
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(self) -> Response:
@@ -270,3 +407,4 @@ class OpenAIIngress:
             return PoolHealth(ok=False, detail=f"no answer from the encoder pool within {HEALTH_TIMEOUT_S}s")
         except Exception as exc:
             return PoolHealth(ok=False, detail=f"encoder pool unreachable: {type(exc).__name__}")
+

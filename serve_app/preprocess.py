@@ -16,13 +16,17 @@ from PIL import Image
 from ray import serve
 
 from serve_app import metrics
-from serve_app.config import ImageLimits, ModelSpec
+from serve_app.config import ImageLimits, ImageURLPolicy, ModelSpec, RequestLimits
 from serve_app.errors import InvalidRequest, ModelNotFound
-from serve_app.imaging import decode_image
+from serve_app.fetch import Budget, ImageFetcher
+from serve_app.imaging import check_request_pixels, decode_base64, load_image, probe_image
 from serve_app.modeling import ImagePipeline, get_tokenizer, image_pipeline, load_model_config
 from serve_app.openmp import keep_torch_serial_on_this_thread
 
 logger = logging.getLogger("ray.serve")
+
+# Texts of more characters than this together are tokenized in the decode threads, not on the event loop.
+TEXT_CHARS_INLINE = 8192
 
 
 @dataclass(frozen=True)
@@ -45,10 +49,18 @@ class ModelPreprocessing:
         rgb = self.pipeline.to_pixels(image)
         return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
 
-    def images(self, data: list[str], params: list[str]) -> torch.Tensor:
-        """(N, 3, H, W) uint8 pixels; raises naming the first bad image. Stacked by numpy, not torch: a
-        torch copy this size would start an OpenMP team in the decoding thread (see ClipEncoder.__init__)."""
-        pixels = [self.image_to_pixels(decode_image(d, p, self.limits)) for d, p in zip(data, params)]
+    def images(self, data: list[str | bytes], params: list[str], pixel_budget: int | None = None) -> torch.Tensor:
+        """(N, 3, H, W) uint8 pixels; raises naming the first bad image. `data` items are base64/data URIs
+        or fetched bytes. Every header is read and the request's pixel budget checked before any image is
+        decoded. Stacked by numpy, not torch: a torch copy this size would start an OpenMP team in the
+        decoding thread (see ClipEncoder.__init__)."""
+        probed = [
+            probe_image(d if isinstance(d, bytes) else decode_base64(d, p, self.limits), p, self.limits)
+            for d, p in zip(data, params)
+        ]
+        if pixel_budget is not None:
+            check_request_pixels(probed, params, pixel_budget)
+        pixels = [self.image_to_pixels(load_image(image, p)) for image, p in zip(probed, params)]
         return torch.from_numpy(np.stack(pixels))
 
     def texts(self, texts: list[str]) -> TokenBatch:
@@ -60,8 +72,13 @@ class ModelPreprocessing:
 # Ray options come from the pool settings (serve_app/config.py, POOL_DEFAULTS), applied by build_app.
 @serve.deployment
 class Preprocessor:
-    def __init__(self, models: list[ModelSpec], limits: ImageLimits) -> None:
+    def __init__(
+        self, models: list[ModelSpec], limits: ImageLimits, request_limits: RequestLimits | None = None,
+        url_policy: ImageURLPolicy = "off",
+    ) -> None:
         Image.MAX_IMAGE_PIXELS = limits.max_image_pixels  # Pillow's own guard agrees with ours
+        self._limits = request_limits or RequestLimits()
+        self._fetcher = ImageFetcher(url_policy, self._limits, limits.max_image_bytes)
         torch.set_num_threads(1)
         self._models = {spec.name: ModelPreprocessing(spec, limits) for spec in models}
         # Decoding releases the GIL in Pillow; a small pool keeps the event loop free for new requests. Its
@@ -75,20 +92,43 @@ class Preprocessor:
         except KeyError:
             raise ModelNotFound(f"model {name!r} is not served here", param="model") from None
 
-    async def images(self, model: str, data: list[str], params: list[str]) -> torch.Tensor:
+    async def images(self, model: str, data: list[str], params: list[str], share: float = 1.0) -> torch.Tensor:
+        """`share`: the part of the request's images in this call (a request of more than `CHUNK` inputs
+        comes in several calls), which gets that part of the request's pixel and fetched-byte budgets."""
         if len(data) != len(params):
             raise InvalidRequest("internal: data and params differ in length")
         preprocessing = self._model(model)
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
-        pixels = await loop.run_in_executor(self._pool, preprocessing.images, data, params)
+        items = await self._fetch_urls(data, params, share)
+        pixel_budget = int(self._limits.max_request_image_pixels * share)
+        pixels = await loop.run_in_executor(self._pool, preprocessing.images, items, params, pixel_budget)
         metrics.observe_preprocess("image", time.perf_counter() - start)
         return pixels
+
+    async def _fetch_urls(self, data: list[str], params: list[str], share: float) -> list[str | bytes]:
+        """URLs fetched concurrently (under the policy), everything else as it came."""
+        urls = [i for i, d in enumerate(data) if d[:8].lower().startswith(("http://", "https://"))]
+        if not urls:
+            return list(data)
+        fetched_at = set(urls)
+        inline = sum(len(d) * 3 // 4 for i, d in enumerate(data) if i not in fetched_at)
+        budget = Budget(int(self._limits.max_request_image_bytes * share) - inline, params[0].split("[", 1)[0])
+        fetched = await asyncio.gather(*(self._fetcher.fetch(data[i], params[i], budget) for i in urls))
+        items: list[str | bytes] = list(data)
+        for i, raw in zip(urls, fetched):
+            if not raw:
+                raise InvalidRequest("image URL returned an empty body", param=params[i])
+            items[i] = raw
+        return items
 
     async def texts(self, model: str, texts: list[str]) -> TokenBatch:
         keep_torch_serial_on_this_thread()  # a long list's token tensor is big enough for a parallel fill
         preprocessing = self._model(model)
         start = time.perf_counter()
-        batch = preprocessing.texts(texts)  # microseconds per text: not worth a thread hop
+        if sum(map(len, texts)) <= TEXT_CHARS_INLINE:
+            batch = preprocessing.texts(texts)  # microseconds per text: not worth a thread hop
+        else:  # long words cost open_clip's BPE quadratic time: keep the event loop answering meanwhile
+            batch = await asyncio.get_running_loop().run_in_executor(self._pool, preprocessing.texts, texts)
         metrics.observe_preprocess("text", time.perf_counter() - start)
         return batch

@@ -8,13 +8,35 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+
+def _valid_unicode(value: Any) -> Any:
+    """Strings must be valid Unicode: JSON may carry lone surrogates (`"\\ud800"`), which no tokenizer,
+    log line or UTF-8 response can hold."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("string is not valid Unicode (it holds a lone surrogate)") from None
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, (str, list)):
+                _valid_unicode(item)
+    return value
 
 
 class WireModel(BaseModel):
-    """Base of every request model: unknown fields are ignored, as OpenAI-compatible servers do."""
+    """Base of every request model: unknown fields are ignored, as OpenAI-compatible servers do; every
+    string field, and strings in lists, must be valid Unicode."""
 
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_lone_surrogates(cls, value: Any) -> Any:
+        return _valid_unicode(value)
 
 
 # ---------------------------------------------------------------- input items (all dialects)

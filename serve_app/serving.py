@@ -87,11 +87,14 @@ class ClipService:
     def models(self) -> dict[str, ServedModel]:
         return self._models
 
-    async def embed(self, model: ServedModel, inputs: list[Input]) -> Embedded:
-        """Vectors of mixed text and image inputs, in input order; images and texts go in parallel."""
+    async def embed(self, model: ServedModel, inputs: list[Input], image_share: float = 1.0) -> Embedded:
+        """Vectors of mixed text and image inputs, in input order; images and texts go in parallel.
+        `image_share`: this part's share of the request's images (and so of its image budgets)."""
         if len(inputs) > CHUNK:
+            chunks = [inputs[i : i + CHUNK] for i in range(0, len(inputs), CHUNK)]
+            total = sum(isinstance(x, ImageInput) for x in inputs) or 1
             parts = await asyncio.gather(
-                *(self.embed(model, inputs[i : i + CHUNK]) for i in range(0, len(inputs), CHUNK))
+                *(self.embed(model, c, sum(isinstance(x, ImageInput) for x in c) / total) for c in chunks)
             )
             return Embedded(
                 vectors=np.concatenate([p.vectors for p in parts]),
@@ -101,7 +104,7 @@ class ClipService:
         texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, TextInput)]
         groups = []  # (positions in the request, job)
         if images:
-            groups.append(([i for i, _ in images], self._embed_images(model, [x for _, x in images])))
+            groups.append(([i for i, _ in images], self._embed_images(model, [x for _, x in images], image_share)))
         if texts:
             groups.append(([i for i, _ in texts], self._embed_texts(model, [x for _, x in texts])))
         results = await asyncio.gather(*(job for _, job in groups))
@@ -114,8 +117,12 @@ class ClipService:
         metrics.count_inputs(model.name, "text", len(texts))
         return Embedded(vectors=vectors, prompt_tokens=prompt_tokens)
 
-    async def _embed_images(self, model: ServedModel, images: list[ImageInput]) -> tuple[np.ndarray, int]:
-        pixels = self._preprocessor.images.remote(model.name, [x.data for x in images], [x.param for x in images])
+    async def _embed_images(
+        self, model: ServedModel, images: list[ImageInput], share: float = 1.0
+    ) -> tuple[np.ndarray, int]:
+        pixels = self._preprocessor.images.remote(
+            model.name, [x.data for x in images], [x.param for x in images], share
+        )
         # Passing the response on lets the encoder fetch the pixels directly, not through this replica.
         return await _from_pool(model.encoder.embed_images.remote(pixels)), 0
 

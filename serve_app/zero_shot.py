@@ -7,6 +7,7 @@ per (model, templates, label) in a bounded LRU at the ingress: a repeated label 
 encoding and no trip to the pools at all.
 """
 
+import string
 from collections import OrderedDict
 from threading import Lock
 
@@ -19,8 +20,14 @@ from serve_app.inputs import check_count
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 
 
-def resolve_templates(templates: list[str] | str | None, max_templates: int) -> tuple[str, ...]:
-    """Templates as format strings; 'imagenet' means open_clip's 80 OpenAI ImageNet templates."""
+def resolve_templates(
+    templates: list[str] | str | None, max_templates: int, max_template_chars: int = 256
+) -> tuple[str, ...]:
+    """Templates as format strings; 'imagenet' means open_clip's 80 OpenAI ImageNet templates.
+
+    Each must hold exactly one bare `{}` (no field name, conversion or format spec): `str.format` runs on
+    every prompt, and a spec such as `{:>2000000000}` would allocate gigabytes on the event loop.
+    """
     if templates is None:
         return DEFAULT_TEMPLATES
     if templates == "imagenet":
@@ -37,24 +44,48 @@ def resolve_templates(templates: list[str] | str | None, max_templates: int) -> 
             param="prompt_templates",
         )
     for i, template in enumerate(templates):
-        if "{}" not in template:
-            raise InvalidRequest(f"template {template!r} has no '{{}}' for the label", param=f"prompt_templates[{i}]")
-        try:
-            template.format("label")
-        except (IndexError, KeyError, ValueError):
-            raise InvalidRequest(
-                f"template {template!r} must contain exactly the placeholder '{{}}' (write other braces as "
-                "'{{' and '}}')",
-                param=f"prompt_templates[{i}]",
-            ) from None
+        check_template(template, f"prompt_templates[{i}]", max_template_chars)
     return tuple(templates)
 
 
-def check_labels(labels: list[str], max_labels: int) -> None:
+def check_template(template: str, param: str, max_chars: int) -> None:
+    """Exactly one bare `{}` field; other braces doubled (`{{`, `}}`); at most `max_chars` characters."""
+    if len(template) > max_chars:
+        raise InvalidRequest(
+            f"template has {len(template)} characters; the limit is {max_chars}", param=param
+        )
+    try:
+        fields = [
+            (name, spec, conversion)
+            for _, name, spec, conversion in string.Formatter().parse(template)
+            if name is not None
+        ]
+    except ValueError:  # a single '{' or '}'
+        fields = None
+    if fields != [("", "", None)]:
+        raise InvalidRequest(
+            f"template {template[:80]!r} must contain exactly one bare placeholder '{{}}' (no field name, "
+            "conversion or format spec; write other braces as '{{' and '}}')",
+            param=param,
+        )
+
+
+def check_prompt_count(labels: int, templates: int, max_prompts: int) -> None:
+    """labels x templates prompts are encoded for one request: bounded before any is built."""
+    if labels * templates > max_prompts:
+        raise InvalidRequest(
+            f"{labels} labels x {templates} templates = {labels * templates} prompts; the limit is {max_prompts}",
+            param="labels",
+        )
+
+
+def check_labels(labels: list[str], max_labels: int, max_chars: int | None = None) -> None:
     check_count(len(labels), max_labels, "labels")
     for i, label in enumerate(labels):
         if not label.strip():
             raise InvalidRequest("labels must not be empty", param=f"labels[{i}]")
+        if max_chars is not None and len(label) > max_chars:
+            raise InvalidRequest(f"label has {len(label)} characters; the limit is {max_chars}", param=f"labels[{i}]")
 
 
 def prompts(labels: list[str], templates: tuple[str, ...]) -> list[str]:

@@ -82,6 +82,10 @@ def app_args(tiny_model_dir: Path, second_model_dir: Path) -> dict:
         "max_inputs_per_request": 64,
         "zero_shot": {"max_labels": 50, "max_templates": 100, "label_cache_size": 1000},
         "image_limits": {"max_image_pixels": 4_000_000, "max_image_bytes": 2_000_000},
+        # small request limits, so that tests/integration/test_hostile_inputs.py can reach each one cheaply
+        "limits": {"max_body_bytes": 4_000_000, "body_read_timeout_s": 3.0, "max_text_chars": 1000, "max_request_text_chars": 20_000,
+                   "max_template_chars": 100, "max_prompts_per_request": 2000,
+                   "max_request_image_pixels": 6_000_000, "max_request_image_bytes": 2_500_000},
         "preprocessor": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 64},
         "ingress": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 256},
     }

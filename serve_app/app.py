@@ -33,7 +33,9 @@ def build_app(args: AppArgs) -> Application:
             user_config=spec.batching.model_dump(),
             **spec.encoder_options,
         ).bind(_constructor_spec(spec))
-    preprocessor = Preprocessor.options(**args.preprocessor.deployment_options()).bind(specs, args.image_limits)
+    preprocessor = Preprocessor.options(**args.preprocessor.deployment_options()).bind(
+        specs, args.image_limits, args.preprocessor.num_cpus
+    )
     return OpenAIIngress.options(**args.ingress.deployment_options()).bind(
         preprocessor, encoders, specs, args.max_inputs_per_request, args.zero_shot, None, args.request_timeout_s
     )

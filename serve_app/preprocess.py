@@ -6,6 +6,7 @@ open_clip's eval transform runs here; normalisation runs on the encoder's device
 
 import asyncio
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,24 @@ class TokenBatch:
     token_counts: list[int]  # real tokens per text, start/end tokens included (for `usage`)
 
 
+# Decode threads of a replica whose CPUs are not known (the one-process layout, where the encoder owns the CPUs).
+DEFAULT_DECODE_THREADS = 2
+
+
+def decode_threads(num_cpus: float | None) -> int:
+    """One decode thread per CPU of the replica's allotment, rounded up: Pillow releases the GIL while it
+    decodes and resizes, so n threads keep n cores busy (BENCHMARKS.md, "Preprocessing per core")."""
+    if num_cpus is None:
+        return DEFAULT_DECODE_THREADS
+    return max(1, math.ceil(num_cpus))
+
+
+def stack_pixels(pixels: list[np.ndarray]) -> torch.Tensor:
+    """(N, 3, H, W) uint8. Stacked by numpy, not torch: a torch copy this size would start an OpenMP team in
+    the calling thread (see ClipEncoder.__init__)."""
+    return torch.from_numpy(np.stack(pixels))
+
+
 class ModelPreprocessing:
     """One model's transform and tokenizer, usable outside Ray (the benchmark's bare mode uses it too)."""
 
@@ -39,17 +58,27 @@ class ModelPreprocessing:
         self.pipeline: ImagePipeline = image_pipeline(self.config)
         self.tokenizer = get_tokenizer(spec.model)
         self.limits = limits
+        self.image_decode = spec.image_decode
+        # fast: libjpeg decodes JPEGs at a reduced scale, never below twice the model's input on either side
+        # (a square request, whatever the input's aspect or its EXIF rotation), then the same exact transform.
+        self.draft_size = 2 * max(self.config.image_size) if spec.image_decode == "fast" else None
 
     def image_to_pixels(self, image: Image.Image) -> np.ndarray:
         """(3, H, W) uint8: open_clip's resize/crop and RGB conversion, before ToTensor/Normalize."""
         rgb = self.pipeline.to_pixels(image)
         return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
 
+    def decode(self, data: str, param: str) -> Image.Image:
+        """The image a data: URI or base64 holds, decoded the way this model's `image_decode` says."""
+        return decode_image(data, param, self.limits, self.draft_size)
+
+    def pixels(self, data: str, param: str) -> np.ndarray:
+        """One image's (3, H, W) uint8 pixels; raises naming it (`param`)."""
+        return self.image_to_pixels(self.decode(data, param))
+
     def images(self, data: list[str], params: list[str]) -> torch.Tensor:
-        """(N, 3, H, W) uint8 pixels; raises naming the first bad image. Stacked by numpy, not torch: a
-        torch copy this size would start an OpenMP team in the decoding thread (see ClipEncoder.__init__)."""
-        pixels = [self.image_to_pixels(decode_image(d, p, self.limits)) for d, p in zip(data, params)]
-        return torch.from_numpy(np.stack(pixels))
+        """(N, 3, H, W) uint8 pixels, one image after another; raises naming the first bad image."""
+        return stack_pixels([self.pixels(d, p) for d, p in zip(data, params)])
 
     def texts(self, texts: list[str]) -> TokenBatch:
         tokens = self.tokenizer(texts)
@@ -60,13 +89,16 @@ class ModelPreprocessing:
 # Ray options come from the pool settings (serve_app/config.py, POOL_DEFAULTS), applied by build_app.
 @serve.deployment
 class Preprocessor:
-    def __init__(self, models: list[ModelSpec], limits: ImageLimits) -> None:
+    def __init__(self, models: list[ModelSpec], limits: ImageLimits, num_cpus: float | None = None) -> None:
+        """`num_cpus`: the replica's CPU allotment (the pool's `num_cpus`), one decode thread per CPU."""
         Image.MAX_IMAGE_PIXELS = limits.max_image_pixels  # Pillow's own guard agrees with ours
         torch.set_num_threads(1)
         self._models = {spec.name: ModelPreprocessing(spec, limits) for spec in models}
-        # Decoding releases the GIL in Pillow; a small pool keeps the event loop free for new requests. Its
-        # threads, and the event loop's (tokenizing), never start OpenMP teams of their own (serve_app/openmp.py).
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode",
+        # Decoding releases the GIL in Pillow; the pool keeps the event loop free for new requests and runs a
+        # request's images side by side. Its threads, and the event loop's (tokenizing), never start OpenMP
+        # teams of their own (serve_app/openmp.py).
+        self.threads = decode_threads(num_cpus)
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="decode",
                                         initializer=keep_torch_serial_on_this_thread)
 
     def _model(self, name: str) -> ModelPreprocessing:
@@ -81,7 +113,13 @@ class Preprocessor:
         preprocessing = self._model(model)
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
-        pixels = await loop.run_in_executor(self._pool, preprocessing.images, data, params)
+        # One job per image, so that a request with several images uses every decode thread.
+        jobs = [loop.run_in_executor(self._pool, preprocessing.pixels, d, p) for d, p in zip(data, params)]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        for result in results:  # the first bad image by position, not the first to fail in time
+            if isinstance(result, BaseException):
+                raise result
+        pixels = await loop.run_in_executor(self._pool, stack_pixels, results)  # 1,024 images: 150 MB to copy
         metrics.observe_preprocess("image", time.perf_counter() - start)
         return pixels
 

@@ -36,3 +36,17 @@ def test_gpu_config_asks_for_a_gpu_per_encoder_and_cpu_ones_do_not():
     assert encoder_gpus("local-cpu.yaml") == 0 and encoder_gpus("dev.yaml") == 0
 
 
+
+
+@pytest.mark.parametrize("name", ["local-gpu.yaml", "multi-model.yaml"])
+def test_gpu_configs_scale_the_preprocessing_pool_on_its_own_load_with_a_thread_per_cpu(name: str):
+    args = AppArgs.model_validate(yaml.safe_load((ROOT / "deploy" / name).read_text())["applications"][0]["args"])
+    ingress = build_app(args)._bound_deployment
+    preprocessor = ingress.init_args[0]._bound_deployment
+    assert preprocessor.name == "Preprocessor"
+    cpus = preprocessor.ray_actor_options["num_cpus"]
+    assert preprocessor.init_args[2] == cpus >= 2  # Preprocessor(models, limits, num_cpus): its decode threads
+    autoscaling = preprocessor._deployment_config.autoscaling_config
+    assert autoscaling is not None and autoscaling.max_replicas > autoscaling.min_replicas
+    assert cpus <= autoscaling.target_ongoing_requests <= 4 * cpus  # a few requests per decode thread
+    assert autoscaling.policy.policy_function.endswith("default_autoscaling_policy")  # request count, not the GPU's

@@ -16,7 +16,7 @@ def test_prep_measures_every_size_format_path_and_thread_count(tiny_model_dir: P
                          for w in (64, 400) for t in (1, 2)}
     assert all(r["images_per_s"] > 0 and len(r["rounds"]) == 2 for r in rows.values())
     one = rows[("jpeg", 400, "exact", 1)]
-    assert one["cores_per_gpu"] == DEFAULT_ENCODER_RATE / one["images_per_s"]
+    assert one["cores_per_gpu"] == DEFAULT_ENCODER_RATE / one["images_per_cpu_s"]
     assert "scaling_vs_fewest_threads" in rows[("jpeg", 400, "exact", 2)]
     # the tiny model's 48 px input: fast decodes JPEGs to no less than 96 px a side, 400x300 at half scale
     assert report["draft_size"] == 96
@@ -28,7 +28,7 @@ def test_prep_measures_every_size_format_path_and_thread_count(tiny_model_dir: P
     (small, large) = report["ingress"]
     assert large["width"] == 400 and large["body_bytes"] > small["body_bytes"]
     assert large["collect_inputs_keeps_the_string"] and large["ingress_total_ms"] > 0
-    assert large["exact_preprocess_ms_per_core"] == rows[("jpeg", 400, "exact", 1)]["ms_per_image_per_thread"]
+    assert large["exact_preprocess_ms_per_core"] == rows[("jpeg", 400, "exact", 1)]["cpu_ms_per_image"]
     tables = prep_tables(report)
     assert "cores/GPU @1000/s" in tables and "ingress ms" in tables
 

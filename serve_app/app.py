@@ -34,7 +34,7 @@ def build_app(args: AppArgs) -> Application:
             **spec.encoder_options,
         ).bind(_constructor_spec(spec))
     preprocessor = Preprocessor.options(**args.preprocessor.deployment_options()).bind(
-        specs, args.image_limits, args.limits, args.image_url_policy
+        specs, args.image_limits, args.limits, args.image_url_policy, args.preprocessor.num_cpus
     )
     return OpenAIIngress.options(**args.ingress.deployment_options()).bind(
         preprocessor, encoders, specs, args.max_inputs_per_request, args.zero_shot, None, **_hardening(args)

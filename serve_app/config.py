@@ -17,6 +17,7 @@ Precision = Literal["auto", "fp32", "fp16", "bf16"]
 Layout = Literal["pools", "one-process"]
 Device = Literal["auto", "cpu", "cuda"]
 CpuKernels = Literal["onednn", "eager"]
+ImageDecode = Literal["exact", "fast"]
 
 
 class StrictModel(BaseModel):
@@ -179,6 +180,11 @@ class ModelSpec(StrictModel):
         description="fp32 on the CPU: onednn runs the transformer's linear layers on weights packed once at load "
         "(serve_app/cpu_kernels.py); eager leaves open_clip's modules as they are",
     )
+    image_decode: ImageDecode = Field(
+        default="exact",
+        description="exact: open_clip's transform on the fully decoded image; fast: JPEGs decoded by libjpeg at a "
+        "reduced scale (no less than twice the input size), then the same transform (docs/image_decode.md)",
+    )
     batching: BatchSettings = Field(default_factory=BatchSettings)
     encoder: PoolSettings = Field(default_factory=lambda: PoolSettings(**POOL_DEFAULTS["encoder"]))
     health_max_age_s: float = Field(default=30.0, gt=0, description="/health probes an encoder idle longer")
@@ -304,6 +310,7 @@ class AppArgs(StrictModel):
     precision: Precision = "auto"
     torch_threads: int | None = Field(default=None, ge=1)
     cpu_kernels: CpuKernels = "onednn"
+    image_decode: ImageDecode = "exact"
     max_batch_size: int | None = Field(default=None, ge=1)
     batch_wait_timeout_s: float | None = Field(default=None, ge=0.0)
     encoder: PoolSettings | None = None
@@ -361,6 +368,7 @@ class AppArgs(StrictModel):
                 precision=self.precision,
                 torch_threads=self.torch_threads,
                 cpu_kernels=self.cpu_kernels,
+                image_decode=self.image_decode,
                 batching=batching,
                 **({"encoder": self.encoder} if self.encoder is not None else {}),
             )

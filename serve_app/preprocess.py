@@ -6,9 +6,11 @@ open_clip's eval transform runs here; normalisation runs on the encoder's device
 
 import asyncio
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +37,24 @@ class TokenBatch:
     token_counts: list[int]  # real tokens per text, start/end tokens included (for `usage`)
 
 
+# Decode threads of a replica whose CPUs are not known (the one-process layout, where the encoder owns the CPUs).
+DEFAULT_DECODE_THREADS = 2
+
+
+def decode_threads(num_cpus: float | None) -> int:
+    """One decode thread per CPU of the replica's allotment, rounded up: Pillow releases the GIL while it
+    decodes and resizes, so n threads keep n cores busy (BENCHMARKS.md, "Preprocessing per core")."""
+    if num_cpus is None:
+        return DEFAULT_DECODE_THREADS
+    return max(1, math.ceil(num_cpus))
+
+
+def stack_pixels(pixels: list[np.ndarray]) -> torch.Tensor:
+    """(N, 3, H, W) uint8. Stacked by numpy, not torch: a torch copy this size would start an OpenMP team in
+    the calling thread (see ClipEncoder.__init__)."""
+    return torch.from_numpy(np.stack(pixels))
+
+
 class ModelPreprocessing:
     """One model's transform and tokenizer, usable outside Ray (the benchmark's bare mode uses it too)."""
 
@@ -43,25 +63,40 @@ class ModelPreprocessing:
         self.pipeline: ImagePipeline = image_pipeline(self.config)
         self.tokenizer = get_tokenizer(spec.model)
         self.limits = limits
+        self.image_decode = spec.image_decode
+        # fast: libjpeg decodes JPEGs at a reduced scale, never below twice the model's input on either side
+        # (a square request, whatever the input's aspect or its EXIF rotation), then the same exact transform.
+        self.draft_size = 2 * max(self.config.image_size) if spec.image_decode == "fast" else None
 
     def image_to_pixels(self, image: Image.Image) -> np.ndarray:
         """(3, H, W) uint8: open_clip's resize/crop and RGB conversion, before ToTensor/Normalize."""
         rgb = self.pipeline.to_pixels(image)
         return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
 
+    def probe(self, item: str | bytes, param: str) -> Image.Image:
+        """An image from its header alone: base64/data URI or fetched bytes; nothing decoded yet."""
+        raw = item if isinstance(item, bytes) else decode_base64(item, param, self.limits)
+        return probe_image(raw, param, self.limits)
+
+    def pixels_of(self, image: Image.Image, param: str) -> np.ndarray:
+        """A probed image's (3, H, W) uint8 pixels, decoded the way this model's `image_decode` says."""
+        return self.image_to_pixels(load_image(image, param, self.draft_size))
+
+    def decode(self, item: str | bytes, param: str) -> Image.Image:
+        """The image an item holds, decoded the way this model's `image_decode` says."""
+        return load_image(self.probe(item, param), param, self.draft_size)
+
+    def pixels(self, item: str | bytes, param: str) -> np.ndarray:
+        """One image's (3, H, W) uint8 pixels; raises naming it (`param`)."""
+        return self.pixels_of(self.probe(item, param), param)
+
     def images(self, data: list[str | bytes], params: list[str], pixel_budget: int | None = None) -> torch.Tensor:
-        """(N, 3, H, W) uint8 pixels; raises naming the first bad image. `data` items are base64/data URIs
-        or fetched bytes. Every header is read and the request's pixel budget checked before any image is
-        decoded. Stacked by numpy, not torch: a torch copy this size would start an OpenMP team in the
-        decoding thread (see ClipEncoder.__init__)."""
-        probed = [
-            probe_image(d if isinstance(d, bytes) else decode_base64(d, p, self.limits), p, self.limits)
-            for d, p in zip(data, params)
-        ]
+        """(N, 3, H, W) uint8 pixels, one image after another; raises naming the first bad image. Every header
+        is read and the request's pixel budget checked before any image is decoded."""
+        probed = [self.probe(d, p) for d, p in zip(data, params)]
         if pixel_budget is not None:
             check_request_pixels(probed, params, pixel_budget)
-        pixels = [self.image_to_pixels(load_image(image, p)) for image, p in zip(probed, params)]
-        return torch.from_numpy(np.stack(pixels))
+        return stack_pixels([self.pixels_of(image, p) for image, p in zip(probed, params)])
 
     def texts(self, texts: list[str]) -> TokenBatch:
         tokens = self.tokenizer(texts)
@@ -74,16 +109,19 @@ class ModelPreprocessing:
 class Preprocessor:
     def __init__(
         self, models: list[ModelSpec], limits: ImageLimits, request_limits: RequestLimits | None = None,
-        url_policy: ImageURLPolicy = "off",
+        url_policy: ImageURLPolicy = "off", num_cpus: float | None = None,
     ) -> None:
+        """`num_cpus`: the replica's CPU allotment (the pool's `num_cpus`), one decode thread per CPU."""
         Image.MAX_IMAGE_PIXELS = limits.max_image_pixels  # Pillow's own guard agrees with ours
         self._limits = request_limits or RequestLimits()
         self._fetcher = ImageFetcher(url_policy, self._limits, limits.max_image_bytes)
         torch.set_num_threads(1)
         self._models = {spec.name: ModelPreprocessing(spec, limits) for spec in models}
-        # Decoding releases the GIL in Pillow; a small pool keeps the event loop free for new requests. Its
-        # threads, and the event loop's (tokenizing), never start OpenMP teams of their own (serve_app/openmp.py).
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode",
+        # Decoding releases the GIL in Pillow; the pool keeps the event loop free for new requests and runs a
+        # request's images side by side. Its threads, and the event loop's (tokenizing), never start OpenMP
+        # teams of their own (serve_app/openmp.py).
+        self.threads = decode_threads(num_cpus)
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="decode",
                                         initializer=keep_torch_serial_on_this_thread)
 
     def _model(self, name: str) -> ModelPreprocessing:
@@ -101,10 +139,27 @@ class Preprocessor:
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         items = await self._fetch_urls(data, params, share)
-        pixel_budget = int(self._limits.max_request_image_pixels * share)
-        pixels = await loop.run_in_executor(self._pool, preprocessing.images, items, params, pixel_budget)
+        # Every header first, so the request's pixel budget is checked before any decoding; then one job per
+        # image, so that a request with several images uses every decode thread.
+        probed = await self._each(preprocessing.probe, items, params)
+        check_request_pixels(probed, params, int(self._limits.max_request_image_pixels * share))
+        decoded = await self._each(preprocessing.pixels_of, probed, params)
+        pixels = await loop.run_in_executor(self._pool, stack_pixels, decoded)  # 1,024 images: 150 MB to copy
         metrics.observe_preprocess("image", time.perf_counter() - start)
         return pixels
+
+    async def _each(self, work: Any, items: list[Any], params: list[str]) -> list[Any]:
+        """`work(item, param)` for every item in the decode threads; raises the first failure by position,
+        not the first to fail in time."""
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(
+            *(loop.run_in_executor(self._pool, work, item, param) for item, param in zip(items, params)),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
 
     async def _fetch_urls(self, data: list[str], params: list[str], share: float) -> list[str | bytes]:
         """URLs fetched concurrently (under the policy), everything else as it came."""

@@ -1,6 +1,7 @@
-"""`clip-bench`: bare, load, compare and gpu (see the package docstring and BENCHMARKS.md).
+"""`clip-bench`: bare, prep, load, compare and gpu (see the package docstring and BENCHMARKS.md).
 
     clip-bench bare --model ViT-B-32 --pretrained random --threads 2
+    clip-bench prep --threads 1,2 --ingress
     clip-bench load --url http://127.0.0.1:8000 --model vitb32 --payload image --concurrency 1,8,32
     clip-bench compare --model ViT-B-32 --pretrained random --levels 1,32
     clip-bench step --model ViT-B-32 --pretrained random --payload text --steps 1:30,16:120,1:120
@@ -94,6 +95,30 @@ def cmd_bare(args: argparse.Namespace) -> int:
     print(f"model {args.model} ({report['device']}, {report['precision']}, {report['kernels']} kernels, "
           f"{report['threads']} threads), "
           f"loaded in {report['load_seconds']}s; JSON: {json_path}")
+    return 0
+
+
+# ------------------------------------------------------------------ prep
+
+
+def cmd_prep(args: argparse.Namespace) -> int:
+    from serve_app.bench.prep import PrepSettings, prep_tables, run_prep
+    from serve_app.bench.report import write_json
+
+    settings = PrepSettings(
+        model=args.model, pretrained=_pretrained(args.pretrained), sizes=[_size(x) for x in _strs(args.sizes)],
+        formats=_strs(args.formats), decodes=_strs(args.decodes), threads=_ints(args.threads), quality=args.quality,
+        distinct=args.distinct, min_seconds=args.min_seconds, min_images=args.min_images, rounds=args.rounds,
+        encoder_rate=args.encoder_rate, ingress=args.ingress,
+    )
+    report = run_prep(settings)
+    report["command"] = " ".join(args.argv or ["clip-bench", *sys.argv[1:]])
+    json_path, _ = _out_paths(args, "prep")
+    write_json(json_path, report)
+    print(prep_tables(report))
+    print(f"model {args.model} ({report['image_size'][0]}x{report['image_size'][1]} input, fast decodes JPEGs to no "
+          f"less than {report['draft_size']} px a side); encoder rate {report['encoder_rate']:g} images/s "
+          f"({report['encoder_rate_source']}); JSON: {json_path}")
     return 0
 
 
@@ -289,6 +314,28 @@ def build_parser() -> argparse.ArgumentParser:
     bare.add_argument("--warmup-iterations", type=int, default=1)
     bare.add_argument("--out", default=None, help="JSON path (default bench-out/bare-<time>.json)")
     bare.set_defaults(func=cmd_bare)
+
+    prep = sub.add_parser("prep", help="preprocessing per core, in-process through the service's own code: images/s "
+                          "by size, format and decode path, and the cores one GPU needs")
+    prep.add_argument("--model", default="ViT-g-14", help="open_clip id; only its preprocessing config is read "
+                      "(a built-in name needs no weights)")
+    prep.add_argument("--pretrained", default="", help="pretrained tag whose preprocessing config to use ('' none)")
+    prep.add_argument("--sizes", default="640x480,1920x1080,4000x3000", help="WxH,...")
+    prep.add_argument("--formats", default="jpeg,png")
+    prep.add_argument("--decodes", default="exact,fast", help="image_decode paths (fast changes JPEGs only)")
+    prep.add_argument("--threads", default="1", help="decode threads, e.g. 1,2 (one per core)")
+    prep.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    prep.add_argument("--distinct", type=int, default=2, help="distinct images per size and format")
+    prep.add_argument("--min-seconds", type=float, default=2.0, help="per measurement")
+    prep.add_argument("--min-images", type=int, default=3, help="per thread and measurement")
+    prep.add_argument("--rounds", type=int, default=3, help="every measurement repeated, variants alternating; "
+                      "the median is reported")
+    prep.add_argument("--encoder-rate", type=float, default=None,
+                      help="images/s one GPU encodes (default 1000: an estimate for ViT-g/14 bf16 on an H200; no GPU "
+                      "run measured yet)")
+    prep.add_argument("--ingress", action="store_true", help="also time the ingress's parse and hand-off per request")
+    prep.add_argument("--out", default=None, help="JSON path (default bench-out/prep-<time>.json)")
+    prep.set_defaults(func=cmd_prep, argv=None)
 
     load = sub.add_parser("load", help="load generator against a running OpenAI-compatible embeddings URL")
     load.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8000")

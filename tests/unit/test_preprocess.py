@@ -1,7 +1,10 @@
 """Decoding and preprocessing: the served pixels equal open_clip's own transform for every format and mode."""
 
+import asyncio
 import io
 import struct
+import threading
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -14,9 +17,9 @@ from PIL import Image, ImageOps
 from serve_app.config import ImageLimits, ModelSpec
 from serve_app.dev_model import TINY_MODEL_CFG, write_tiny_model
 from serve_app.errors import InvalidRequest, PayloadTooLarge
-from serve_app.imaging import decode_image
+from serve_app.imaging import decode_base64, decode_image, draft_scale
 from serve_app.modeling import load_model_config
-from serve_app.preprocess import ModelPreprocessing
+from serve_app.preprocess import DEFAULT_DECODE_THREADS, ModelPreprocessing, Preprocessor, decode_threads
 from tests.conftest import b64, data_uri, encode, random_image
 
 LIMITS = ImageLimits(max_image_pixels=4_000_000, max_image_bytes=2_000_000)
@@ -174,3 +177,150 @@ def test_tokens_truncate_at_the_context_length_and_count_real_tokens(tiny):
     reference = open_clip.get_tokenizer("ViT-B-32")(["a cat", "word " * 200])
     assert torch.equal(batch.tokens, reference)
     assert np.all(batch.tokens[1].numpy()[-1] == reference[1].numpy()[-1])
+
+
+# ------------------------------------------------------------------ image_decode: fast
+
+# Measured (tests below, ViT-g/14's 224 px and the tiny model's 48 px, quality 90, all 8 orientations): mean
+# |fast - exact| 0.0015-0.005 and max 0.02-0.10 in normalised units. The bound leaves about 3x and 2x margin.
+FAST_MEAN_BOUND = 0.015
+FAST_MAX_BOUND = 0.2
+
+# exif_transpose undoes these: a JPEG stored this way with orientation o shows the scene upright.
+STORED_AS = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+             4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
+             7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+
+
+def oriented_photo(width: int, height: int, orientation: int, seed: int) -> bytes:
+    """A photo-like JPEG (smooth fields, shapes, mild noise: not random noise) showing a width x height scene,
+    stored turned so that its EXIF orientation turns it back."""
+    from serve_app.bench.payloads import synthetic_jpeg
+
+    scene = Image.open(io.BytesIO(synthetic_jpeg(width, height, seed=seed, quality=95)))
+    stored = scene if STORED_AS[orientation] is None else scene.transpose(STORED_AS[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(stored, "JPEG", quality=90, exif=exif.tobytes())
+
+
+def fast_and_exact(spec: ModelSpec, limits: ImageLimits = LIMITS) -> tuple[ModelPreprocessing, ModelPreprocessing]:
+    return (ModelPreprocessing(spec.model_copy(update={"image_decode": "fast"}), limits),
+            ModelPreprocessing(spec, limits))
+
+
+def difference(pre: ModelPreprocessing, fast: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
+    std = np.asarray(pre.pipeline.std, dtype=np.float32).reshape(3, 1, 1)
+    diff = np.abs(fast.astype(np.float32) - exact.astype(np.float32)) / 255 / std
+    return float(diff.mean()), float(diff.max())
+
+
+@pytest.mark.parametrize(
+    "width, height, min_side, scale",
+    [(4000, 3000, 448, 4), (4032, 3024, 448, 4), (3000, 4000, 448, 4), (1920, 1080, 448, 2), (640, 480, 448, 1),
+     (8000, 6000, 448, 8), (896, 1600, 96, 8), (900, 1600, 96, 4), (1000, 750, 96, 2), (1001, 757, 96, 1),
+     (100, 90, 96, 1)],
+)
+def test_draft_scale_keeps_both_sides_at_least_the_minimum_and_divides_them(width, height, min_side, scale):
+    assert draft_scale(width, height, min_side) == scale
+    assert width % scale == 0 and height % scale == 0
+    assert scale == 1 or min(width, height) // scale >= min_side
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("width, height", [(400, 300), (904, 1600), (900, 1600), (1001, 757)])
+def test_fast_decode_stays_close_to_exact_in_every_orientation(tiny_model_dir: Path, width, height, orientation):
+    fast, exact = fast_and_exact(ModelSpec(model=f"local-dir:{tiny_model_dir}"))
+    assert fast.draft_size == 96  # twice the tiny model's 48 px
+    uri = data_uri(oriented_photo(width, height, orientation, seed=width + orientation))
+    shown = exact.decode(uri, "input[0]").size
+    assert shown == (width, height)  # orientation applied (exact path, open_clip's own reference above)
+    scale = draft_scale(width, height, 96)
+    assert fast.decode(uri, "input[0]").size == (width // scale, height // scale)  # reduced, turned the same way
+    mean, worst = difference(exact, fast.pixels(uri, "input[0]"), exact.pixels(uri, "input[0]"))
+    assert mean <= FAST_MEAN_BOUND and worst <= FAST_MAX_BOUND, (mean, worst)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_fast_decode_of_a_12_megapixel_photo_decodes_a_quarter_of_each_side(orientation):
+    spec = ModelSpec(model="ViT-g-14")  # a built-in config: preprocessing needs no weights
+    fast, exact = fast_and_exact(spec, ImageLimits(max_image_pixels=50_000_000, max_image_bytes=20_000_000))
+    assert fast.draft_size == 448
+    uri = data_uri(oriented_photo(4000, 3000, orientation, seed=7))
+    assert exact.decode(uri, "input[0]").size == (4000, 3000)
+    assert fast.decode(uri, "input[0]").size == (1000, 750)
+    mean, worst = difference(exact, fast.pixels(uri, "input[0]"), exact.pixels(uri, "input[0]"))
+    assert mean <= FAST_MEAN_BOUND and worst <= FAST_MAX_BOUND, (mean, worst)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fast_decode_leaves_other_formats_and_small_jpegs_as_they_are(tiny, tiny_model_dir: Path, case):
+    exact, _ = tiny
+    fast = ModelPreprocessing(ModelSpec(model=f"local-dir:{tiny_model_dir}", image_decode="fast"), LIMITS)
+    uri = data_uri(CASES[case]())
+    assert torch.equal(fast.images([uri], ["input[0]"]), exact.images([uri], ["input[0]"]))
+
+
+# ------------------------------------------------------------------ base64 without copies
+
+
+@pytest.mark.parametrize("as_data_uri", [False, True])
+def test_base64_is_decoded_without_copying_the_payload(as_data_uri):
+    raw = np.random.default_rng(0).integers(0, 256, 3_000_000, dtype=np.uint8).tobytes()
+    text = data_uri(raw) if as_data_uri else b64(raw)
+    limits = ImageLimits(max_image_bytes=10_000_000)
+    tracemalloc.start()
+    try:
+        assert decode_base64(text, "input[0]", limits) == raw
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # the decoded bytes, plus one copy of the text to cut off a data: URI's prefix; nothing more
+    assert peak < len(raw) + (len(text) if as_data_uri else 0) + 100_000
+
+
+# ------------------------------------------------------------------ the Preprocessor deployment's threads
+
+
+def test_decode_threads_follow_the_replicas_cpus():
+    assert [decode_threads(c) for c in (0.25, 0.5, 1, 1.5, 4)] == [1, 1, 1, 2, 4]
+    assert decode_threads(None) == DEFAULT_DECODE_THREADS
+
+
+def preprocessor(tiny_model_dir: Path, num_cpus: float | None):
+    spec = ModelSpec(model=f"local-dir:{tiny_model_dir}", served_model_name="tiny")
+    threads = torch.get_num_threads()
+    try:
+        return Preprocessor.func_or_class([spec], LIMITS, num_cpus=num_cpus)
+    finally:
+        torch.set_num_threads(threads)  # the replica's torch.set_num_threads(1) is for its own process
+
+
+def test_one_requests_images_decode_in_parallel_in_input_order(tiny_model_dir: Path, monkeypatch):
+    deployment = preprocessor(tiny_model_dir, num_cpus=2)
+    assert deployment.threads == 2
+    uris = [data_uri(encode(random_image(seed=s), "JPEG", quality=90)) for s in range(4)]
+    expected = deployment._models["tiny"].images(uris, [f"input[{i}]" for i in range(4)])
+    both_at_once = threading.Barrier(2, timeout=10)  # passes only when two images decode at the same time
+    threads: set[str] = set()
+    original = ModelPreprocessing.pixels_of
+
+    def pixels_of(self, image, param):
+        threads.add(threading.current_thread().name)
+        if param in ("input[0]", "input[1]"):
+            both_at_once.wait()
+        return original(self, image, param)
+
+    monkeypatch.setattr(ModelPreprocessing, "pixels_of", pixels_of)
+    result = asyncio.run(deployment.images("tiny", uris, [f"input[{i}]" for i in range(4)]))
+    assert torch.equal(result, expected)
+    assert len(threads) == 2 and all(name.startswith("decode") for name in threads)
+
+
+def test_a_requests_first_bad_image_by_position_is_reported(tiny_model_dir: Path):
+    deployment = preprocessor(tiny_model_dir, num_cpus=2)
+    good = data_uri(encode(random_image(seed=1), "JPEG"))
+    with pytest.raises(InvalidRequest) as info:
+        asyncio.run(deployment.images("tiny", [good, "not base64!", b64(b"no image")],
+                                      ["input[0]", "input[1]", "input[2]"]))
+    assert info.value.param == "input[1]"

@@ -5,6 +5,7 @@
     clip-bench load --url http://127.0.0.1:8000 --model vitb32 --payload image --concurrency 1,8,32
     clip-bench compare --model ViT-B-32 --pretrained random --levels 1,32
     clip-bench step --model ViT-B-32 --pretrained random --payload text --steps 1:30,16:120,1:120
+    clip-bench soak --model ViT-B-32 --pretrained random --minutes 10 --concurrency 2
     clip-bench gpu --smoke
     clip-bench checkpoint /tmp/vitg14-random --arch ViT-g-14
 """
@@ -371,6 +372,18 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--out", default=None, help="JSON path (PNG beside it; default bench-out/step-<time>.json)")
     step.set_defaults(func=cmd_step)
 
+    soak = sub.add_parser("soak", help="our service under steady load for minutes: every replica's RSS over time, "
+                          "errors; JSON")
+    _model_args(soak)
+    soak.add_argument("--minutes", type=float, default=10.0)
+    soak.add_argument("--warmup", type=float, default=60.0, help="seconds of load before memory counts")
+    soak.add_argument("--concurrency", type=int, default=2, help="closed-loop clients per modality (image, text)")
+    soak.add_argument("--sample-s", type=float, default=15.0, help="seconds between RSS samples")
+    soak.add_argument("--app-args", default="{}", help="JSON merged over the service's args")
+    soak.add_argument("--workdir", default="/tmp/clip-bench-soak")
+    soak.add_argument("--out", default=None, help="JSON path (default bench-out/soak-<time>.json)")
+    soak.set_defaults(func=cmd_soak)
+
     compare = sub.add_parser("compare", help="bare vs our service vs the naive server vs infinity-emb, one run")
     _model_args(compare)
     compare.add_argument("--levels", default="1,32", help="concurrency levels")
@@ -435,6 +448,22 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--seed", type=int, default=0)
     checkpoint.set_defaults(func=cmd_checkpoint)
     return parser
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    from serve_app.bench.report import write_json
+    from serve_app.bench.soak import SoakSettings, run_soak, soak_table
+
+    settings = SoakSettings(model=args.model, pretrained=_pretrained(args.pretrained), threads=args.threads,
+                            minutes=args.minutes, warmup_s=args.warmup, concurrency=args.concurrency,
+                            sample_s=args.sample_s, app_args=json.loads(args.app_args), workdir=args.workdir)
+    report = run_soak(settings)
+    json_path, _ = _out_paths(args, "soak")
+    write_json(json_path, report)
+    print(soak_table(report))
+    print(f"\nwrote {json_path}")
+    errors = sum(load["error_count"] for load in report["load"].values())
+    return 0 if errors == 0 else 1
 
 
 def cmd_step(args: argparse.Namespace) -> int:

@@ -6,14 +6,16 @@ config. Two files:
 - `deploy/ray-small-cpu.env`: added on small CPU-only machines (`make serve`, `make serve-dev`, the tests,
   the CPU benchmarks), never on GPU nodes.
 
-The Makefile starts `serve` through this module's launcher (`python -m serve_app.ray_env [--small-cpu] -- CMD`);
-the tests and `clip-bench` call `use_ray_env` before they import Ray.
+The Makefile starts `serve` through this module's launcher (`python -m serve_app.ray_env [--small-cpu] -- CMD`),
+which also stops everything the command started; the tests and `clip-bench` call `use_one_machine_env` before
+they import Ray.
 """
 
 import argparse
 import os
 import random
 import socket
+import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 
@@ -93,9 +95,28 @@ def use_one_machine_env(environ: MutableMapping[str, str] = os.environ, small_cp
         environ.setdefault(key, value)
 
 
+def ports_needed(command: list[str], env: dict[str, str]) -> dict[int, str]:
+    """The TCP ports a `serve run CONFIG.yaml` command will bind on this machine, with what each is for:
+    the config's HTTP port and, behind HAProxy, its stats and metrics ports. Empty for other commands."""
+    configs = [arg for arg in command if arg.endswith((".yaml", ".yml", ".json"))]
+    if "run" not in command or not configs or not Path(configs[0]).is_file():
+        return {}
+    import yaml
+
+    config = yaml.safe_load(Path(configs[0]).read_text(encoding="utf-8")) or {}
+    ports = {int((config.get("http_options") or {}).get("port", 8000)): "the HTTP port (http_options.port)"}
+    if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        ports[int(env.get("RAY_SERVE_HAPROXY_STATS_PORT", "8404"))] = "HAProxy's stats (RAY_SERVE_HAPROXY_STATS_PORT)"
+        ports[int(env.get("RAY_SERVE_HAPROXY_METRICS_PORT", "9101"))] = (
+            "HAProxy's metrics (RAY_SERVE_HAPROXY_METRICS_PORT)")
+    return ports
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m serve_app.ray_env [--small-cpu] -- serve run deploy/dev.yaml`: runs the command with the
-    one-machine Ray environment (what the caller's environment already sets wins)."""
+    one-machine Ray environment (what the caller's environment already sets wins), in a session of its own:
+    Ctrl-C or SIGTERM stops it, and then everything it started (HAProxy included). A port the service needs
+    that is already taken is named, with its holder, before anything starts."""
     parser = argparse.ArgumentParser(prog="python -m serve_app.ray_env", description=main.__doc__)
     parser.add_argument("--small-cpu", action="store_true", help="add deploy/ray-small-cpu.env (CPU-only boxes)")
     parser.add_argument("--print", action="store_true", help="print KEY=VALUE lines instead of running a command")
@@ -108,7 +129,15 @@ def main(argv: list[str] | None = None) -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given (use -- CMD ARGS, or --print)")
-    os.execvpe(command[0], command, {**env, **os.environ})
+    from serve_app.processes import listeners, run_in_own_session
+
+    full_env = {**env, **os.environ}
+    for port, purpose in ports_needed(command, full_env).items():
+        holders = listeners(port)
+        if holders:
+            sys.exit(f"port {port}, {purpose}, is already in use by {', '.join(sorted(holders))}: stop it, or "
+                     f"choose another port")
+    sys.exit(run_in_own_session(command, full_env))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app.bench.servers import signal_session
+from serve_app.processes import signal_session
 from serve_app.dev_model import write_tiny_model
 from serve_app.ray_env import free_port, use_one_machine_env
 

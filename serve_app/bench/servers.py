@@ -16,38 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from serve_app.bench.report import tree_rss
+from serve_app.processes import session_members as _session_members
+from serve_app.processes import signal_session
 from serve_app.ray_env import free_port, haproxy_ports, one_machine_env
-
-
-def _session_members(sid: int) -> list[int]:
-    """Pids whose session id is `sid` (field 6 of /proc/PID/stat)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 3 and int(fields[3]) == sid and fields[0] != "Z":  # zombies are gone already
-            members.append(int(entry.name))
-    return members
-
-
-def signal_session(sid: int, sig: int, name: str | None = None) -> list[int]:
-    """Sends `sig` to the processes of session `sid` (those whose name is `name`, when given), never to the
-    caller; returns their pids."""
-    sent = []
-    for pid in _session_members(sid):
-        try:
-            if pid == os.getpid() or (name and Path(f"/proc/{pid}/comm").read_text().strip() != name):
-                continue
-            os.kill(pid, sig)
-            sent.append(pid)
-        except OSError:  # gone meanwhile
-            pass
-    return sent
 
 
 class ManagedServer:

@@ -227,6 +227,11 @@ class OpenAIIngress:
         body = HealthResponse(status="ok" if ok else "unavailable", models=pools)
         return _json(body, 200 if ok else 503)
 
+    @app.get("/livez")
+    async def livez(self) -> Response:
+        """Liveness: this replica answers by itself, asking no pool (a busy encoder is not a dead one)."""
+        return _json({"status": "ok"})
+
     @staticmethod
     async def _pool_health(model: ServedModel) -> PoolHealth:
         try:

@@ -13,8 +13,14 @@ What the simulation changes, and why (everything else comes from the manifest):
   2 and the shapes stay the same; GPU nodes still advertise GPU: 1, and the encoder keeps num_gpus: 1 but runs
   `device: cpu` in fp32 (no GPU here); group maxima capped at MAX_NODES_PER_GROUP;
 - time: the idle timeout times TIME_SCALE, the encoder's autoscaling reacts in seconds (no upscale delay, 5 s
-  downscale delay, target 2 ongoing requests), so that the whole cycle fits in about two minutes;
-- one machine, one HTTP port: proxy_location HeadOnly, the preprocessor and ingress pools at one replica each.
+  downscale delay, 2 s look-back), so that the whole cycle fits in about two minutes;
+- load: the encoder waits SIM_BATCH_WAIT_S to fill each batch, standing in for a GPU pass, so that its queue is
+  the one that should grow; its target is 0.5 ongoing requests because Serve's own request count for the
+  encoder pool stayed at or below 1 here under the 8-client burst (`encoder_requests` in the samples), which a
+  target of 2 (or production's 128) never crosses;
+- one machine, one HTTP port: proxy_location HeadOnly, the preprocessor and ingress pools at one replica each,
+  and private port ranges for HAProxy and direct ingress (`direct_ingress_ports`);
+- Ray token auth on, as `authOptions` turns it on for the pods.
 
 Ray's wheel lacks the fake_multinode example config (`AutoscalingCluster` fails), so this starts
 `ray start --head --autoscaling-config` with the provider given as an external module (PERF-NOTES.md), in a

@@ -381,7 +381,8 @@ class OpenAIIngress:
 
     @app.get("/livez")
     async def livez(self) -> Response:
-        """Liveness: this replica's event loop answers. No API key needed, no pool is asked."""
+        """Liveness: this replica's event loop answers. No API key needed, no pool is asked (a busy encoder
+        is not a dead one)."""
         return _json({"status": "ok"})
 
     @app.get("/v1/models", response_model=ModelList)

@@ -80,18 +80,44 @@ def free_port() -> int:
     raise RuntimeError(f"no free TCP port in {_PICK_FROM.start}-{_PICK_FROM.stop - 1}")
 
 
-def haproxy_ports() -> dict[str, str]:
-    """Free ports for HAProxy's node-wide listeners, for a Ray instance that may not be alone on the machine."""
+def node_ports() -> dict[str, str]:
+    """Free ports for a Ray instance that may not be alone on the machine: HAProxy's node-wide listeners, and
+    private ranges for the ingress replicas' own HTTP and gRPC servers (direct ingress). Serve's defaults for
+    the latter (30000-31000, 40000-41000) are the same in every Ray instance, and a replica bound to 127.0.0.1
+    there takes the connections another instance's HAProxy sends to its own replica on 0.0.0.0: requests
+    answered by a stranger's app."""
     ports: set[int] = set()
     while len(ports) < len(HAPROXY_NODE_PORTS):
         ports.add(free_port())
-    return {name: str(port) for name, port in zip(HAPROXY_NODE_PORTS, sorted(ports))}
+    return {**{name: str(port) for name, port in zip(HAPROXY_NODE_PORTS, sorted(ports))}, **direct_ingress_ports()}
+
+
+def direct_ingress_ports(block: int = 40) -> dict[str, str]:
+    """Two blocks of `block` free ports, for the ingress replicas' HTTP and gRPC servers."""
+
+    def free(port: int) -> bool:
+        for host in ("0.0.0.0", "127.0.0.1"):
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    return False
+        return True
+
+    for _ in range(100):
+        base = random.randrange(_PICK_FROM.start, _PICK_FROM.stop - 2 * block, block)
+        if all(free(p) for p in range(base, base + 2 * block)):
+            return {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(base),
+                    "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(base + block - 1),
+                    "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(base + block),
+                    "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(base + 2 * block - 1)}
+    raise RuntimeError(f"no {2 * block} free consecutive TCP ports in {_PICK_FROM.start}-{_PICK_FROM.stop - 1}")
 
 
 def use_one_machine_env(environ: MutableMapping[str, str] = os.environ, small_cpu: bool = True) -> None:
-    """`one_machine_env()` and free HAProxy ports, for a Ray started in this process; what `environ`
+    """`one_machine_env()` and free node-wide ports (`node_ports`), for a Ray started in this process; what `environ`
     already sets wins. Call it before Ray is imported: Ray reads these at import."""
-    for key, value in {**one_machine_env(small_cpu), **haproxy_ports()}.items():
+    for key, value in {**one_machine_env(small_cpu), **node_ports()}.items():
         environ.setdefault(key, value)
 
 

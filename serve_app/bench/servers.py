@@ -18,7 +18,7 @@ from typing import Any
 from serve_app.bench.report import tree_rss
 from serve_app.processes import session_members as _session_members
 from serve_app.processes import signal_session
-from serve_app.ray_env import free_port, haproxy_ports, one_machine_env
+from serve_app.ray_env import free_port, node_ports, one_machine_env
 
 
 class ManagedServer:
@@ -124,7 +124,7 @@ class OurServer(ManagedServer):
         # Ray runs as in production (deploy/ray-serve.env); a variable set in the caller's environment wins,
         # so `RAY_SERVE_THROUGHPUT_OPTIMIZED=0 clip-bench compare ...` measures the other mode.
         # Its own HAProxy ports even when the caller's environment names some (the tests' Ray holds those).
-        ray_env = {k: v for k, v in one_machine_env().items() if k not in os.environ} | haproxy_ports()
+        ray_env = {k: v for k, v in one_machine_env().items() if k not in os.environ} | node_ports()
         kw["env"] = {**ray_env, **(kw.get("env") or {})}
         super().__init__(workdir, port, **kw)
         self.app_args = app_args

@@ -13,7 +13,7 @@ import requests
 import yaml
 
 from serve_app.processes import listeners, session_members, signal_session
-from serve_app.ray_env import free_port, haproxy_ports, one_machine_env, serve_env, small_cpu_env
+from serve_app.ray_env import HAPROXY_NODE_PORTS, free_port, node_ports, one_machine_env, serve_env, small_cpu_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -138,9 +138,9 @@ def test_serve_run_with_the_dev_config(tmp_path: Path, tiny_model_dir: Path):
     # Ray's environment from the launcher alone (not the tests' own), and HAProxy ports of its own: the
     # session's Ray instance holds the ones the tests' environment names
     env = {k: v for k, v in os.environ.items() if k not in one_machine_env()}
-    side_ports = haproxy_ports()
-    env.update({"RAY_USAGE_STATS_ENABLED": "0", **side_ports})
-    ports = [port, *map(int, side_ports.values())]
+    own_ports = node_ports()
+    env.update({"RAY_USAGE_STATS_ENABLED": "0", **own_ports})
+    ports = [port, *(int(own_ports[name]) for name in HAPROXY_NODE_PORTS)]
     url = f"http://127.0.0.1:{port}"
     process = launch(tmp_path, config, env, "serve.log")
     sessions = [process.pid]  # the launcher's and each `serve run`'s: whatever is left there goes at the end

@@ -1,0 +1,368 @@
+"""k8s/ is valid and cannot drift from deploy/: schemas, the Serve configs, the Ray environment, the overlays.
+
+Offline, no Ray. Every object of each variant validates: the RayService against KubeRay v1.7.0's CRD schema
+(tests/data/kuberay-crds/), core kinds against Kubernetes' own schemas (kubernetes-validate). Each variant is
+built with `kubectl kustomize` where kubectl is installed; otherwise the base is read and the CPU overlay's
+JSON patch is applied in Python, so the same checks run either way.
+"""
+
+import copy
+import json
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from serve_app.ray_env import serve_env
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "k8s"
+CRDS = ROOT / "tests" / "data" / "kuberay-crds"
+VARIANTS = {"gpu": ROOT / "deploy" / "cluster-gpu.yaml", "cpu": ROOT / "deploy" / "cluster-cpu.yaml"}
+K8S_VERSION = "1.32.0"  # validated against this Kubernetes API's schemas
+SMALL_CPU_ENV = ROOT / "deploy" / "ray-small-cpu.env"  # small-CPU tuning: never for the pods
+# serveConfigV2 differs from its deploy/ file in nothing (no documented overrides today); a key listed here
+# would be allowed to differ.
+SERVE_CONFIG_OVERRIDES: dict[str, set[str]] = {"gpu": set(), "cpu": set()}
+
+
+def _apply_json_patch(document: dict, operations: list[dict]) -> dict:
+    """The subset of RFC 6902 the overlays use: add, replace, remove."""
+    document = copy.deepcopy(document)
+    for op in operations:
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].lstrip("/").split("/")]
+        target = document
+        for part in parents:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        key = int(last) if isinstance(target, list) and last != "-" else last
+        if op["op"] == "remove":
+            del target[key]
+        elif op["op"] == "replace":
+            target[key] = op["value"]
+        elif op["op"] == "add":
+            target.append(op["value"]) if key == "-" else (
+                target.insert(key, op["value"]) if isinstance(target, list) else target.__setitem__(key, op["value"])
+            )
+        else:
+            raise ValueError(f"unsupported patch op {op['op']}")
+    return document
+
+
+def _python_build(variant: str) -> list[dict]:
+    """What kustomize would produce, for the checks below (names without hash suffixes)."""
+    base = K8S / "base"
+    docs = [d for f in ("rayservice.yaml", "weights.yaml", "networkpolicy.yaml", "podmonitor.yaml")
+            for d in yaml.safe_load_all((base / f).read_text()) if d]
+    kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
+    for generator in kustomization["configMapGenerator"]:
+        data = {}
+        for env_file in generator.get("envs", []):
+            data.update(serve_env(base / env_file))
+        for literal in generator.get("literals", []):
+            key, _, value = literal.partition("=")
+            data[key] = value
+        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"]}, "data": data})
+    grafana = yaml.safe_load((K8S / "grafana" / "kustomization.yaml").read_text())
+    for generator in grafana["configMapGenerator"]:
+        docs.append({"apiVersion": "v1", "kind": "ConfigMap",
+                     "metadata": {"name": generator["name"], "labels": generator["options"]["labels"]},
+                     "data": {f: (K8S / "grafana" / f).read_text() for f in generator["files"]}})
+    docs.append(yaml.safe_load((K8S / variant / "namespace.yaml").read_text()))
+    if variant == "cpu":
+        overlay = yaml.safe_load((K8S / "cpu" / "kustomization.yaml").read_text())
+        for patch in overlay["patches"]:
+            text = (K8S / "cpu" / patch["path"]).read_text() if "path" in patch else patch["patch"]
+            operations = yaml.safe_load(text)
+            docs = [_apply_json_patch(d, operations) if (d["kind"], d["metadata"]["name"]) ==
+                    (patch["target"]["kind"], patch["target"]["name"]) else d for d in docs]
+        for generator in overlay["configMapGenerator"]:
+            for d in docs:
+                if d["kind"] == "ConfigMap" and d["metadata"]["name"] == generator["name"]:
+                    d["data"] = dict(literal.partition("=")[::2] for literal in generator["literals"])
+    return docs
+
+
+@cache
+def build(variant: str) -> tuple[dict, ...]:
+    kubectl = shutil.which("kubectl")
+    if kubectl:
+        out = subprocess.run([kubectl, "kustomize", str(K8S / variant)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
+    return tuple(_python_build(variant))
+
+
+def one(docs, kind: str, name_prefix: str = "") -> dict:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].startswith(name_prefix)]
+    assert len(found) == 1, (kind, name_prefix, [d["metadata"]["name"] for d in found])
+    return found[0]
+
+
+def ray_pod_specs(rayservice: dict) -> dict[str, dict]:
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    specs = {"head": cluster["headGroupSpec"]["template"]["spec"]}
+    specs.update({g["groupName"]: g["template"]["spec"] for g in cluster["workerGroupSpecs"]})
+    return specs
+
+
+@cache
+def crd_schema(kind: str) -> dict:
+    crd = yaml.safe_load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def unknown_fields(value, schema: dict, path: str = "") -> list[str]:
+    """Keys a structural schema does not know: the API server would drop them silently (a typo'd field)."""
+    if isinstance(value, dict) and "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        found = [f"{path}.{k}" for k in value if k not in schema["properties"]]
+        for key, item in value.items():
+            if key in schema["properties"]:
+                found += unknown_fields(item, schema["properties"][key], f"{path}.{key}")
+        return found
+    if isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+        return [f for k, v in value.items() for f in unknown_fields(v, schema["additionalProperties"], f"{path}.{k}")]
+    if isinstance(value, list) and "items" in schema:
+        return [f for i, v in enumerate(value) for f in unknown_fields(v, schema["items"], f"{path}[{i}]")]
+    return []
+
+
+def serve_config(rayservice: dict) -> dict:
+    return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+# ------------------------------------------------------------------ schemas
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rayservice_validates_against_kuberay_crd(variant: str):
+    rayservice = one(build(variant), "RayService")
+    jsonschema.validate(rayservice, crd_schema("RayService"))
+    # the RayCluster KubeRay makes from it validates against the RayCluster CRD too
+    raycluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "clip-x"},
+                  "spec": rayservice["spec"]["rayClusterConfig"]}
+    jsonschema.validate(raycluster, crd_schema("RayCluster"))
+    assert unknown_fields(rayservice["spec"], crd_schema("RayService")["properties"]["spec"], "spec") == []
+
+
+def test_crd_schema_rejects_what_kuberay_would():
+    """The schema check has teeth: unknown auth modes and upgrade types fail."""
+    rayservice = copy.deepcopy(one(build("gpu"), "RayService"))
+    rayservice["spec"]["rayClusterConfig"]["authOptions"]["mode"] = "password"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(rayservice, crd_schema("RayService"))
+    rayservice = copy.deepcopy(one(build("gpu"), "RayService"))
+    rayservice["spec"]["rayClusterConfig"]["autoscalerOptions"]["idleTimeoutSecond"] = 60
+    assert unknown_fields(rayservice["spec"], crd_schema("RayService")["properties"]["spec"], "spec") == [
+        "spec.rayClusterConfig.autoscalerOptions.idleTimeoutSecond"
+    ]
+    rayservice = copy.deepcopy(one(build("gpu"), "RayService"))
+    del rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(rayservice, crd_schema("RayService"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_core_objects_validate_against_kubernetes_schemas(variant: str):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    core = [d for d in build(variant) if "." not in d["apiVersion"].split("/")[0] or
+            d["apiVersion"].startswith(("batch/", "networking.k8s.io/"))]
+    assert {d["kind"] for d in core} >= {"ConfigMap", "PersistentVolumeClaim", "Job", "NetworkPolicy", "Namespace"}
+    for document in core:
+        kubernetes_validate.validate(document, K8S_VERSION, strict=True)
+    # the pod templates inside the RayService are Kubernetes PodSpecs: validate each as a Pod
+    for name, spec in ray_pod_specs(one(build(variant), "RayService")).items():
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+
+
+def test_podmonitor_scrapes_ports_the_pods_declare():
+    docs = build("gpu")
+    monitor = one(docs, "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    rayservice = one(docs, "RayService")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    declared = set()
+    for spec in ray_pod_specs(rayservice).values():
+        declared |= {p["name"] for p in spec["containers"][0].get("ports", [])}
+    scraped = {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
+    assert scraped == {"metrics", "as-metrics", "dash-metrics"} and scraped <= declared
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        assert selector.items() <= group["template"]["metadata"]["labels"].items()
+        assert group["rayStartParams"]["metrics-export-port"] == "8080"
+
+
+def test_grafana_dashboard_covers_the_service():
+    dashboard = json.loads((K8S / "grafana" / "clip-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    for metric in ("ray_clip_requests_total", "ray_clip_request_seconds_bucket", "ray_clip_preprocess_seconds_bucket",
+                   "ray_clip_queue_wait_seconds_bucket", "ray_clip_encode_seconds_bucket", "ray_clip_batch_size_bucket",
+                   "ray_clip_batch_fill_bucket", "ray_clip_encoder_pending_items", "ray_clip_encoder_running_items",
+                   "ray_clip_rejected_requests_total", "ray_clip_autoscaling_desired_replicas",
+                   "ray_serve_deployment_replica_healthy", "ray_serve_autoscaling_target_replicas",
+                   "ray_serve_deployment_queued_queries", "ray_node_cpu_utilization", "ray_node_gpus_utilization"):
+        assert metric in exprs, metric
+    configmap = one(build("gpu"), "ConfigMap", "clip-grafana-dashboard")
+    assert json.loads(configmap["data"]["clip-dashboard.json"]) == dashboard
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+# ------------------------------------------------------------------ no drift from deploy/
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_serve_config_is_the_deploy_file(variant: str):
+    embedded = serve_config(one(build(variant), "RayService"))
+    deployed = yaml.safe_load(VARIANTS[variant].read_text())
+    overrides = SERVE_CONFIG_OVERRIDES[variant]
+    assert {k: v for k, v in embedded.items() if k not in overrides} == \
+        {k: v for k, v in deployed.items() if k not in overrides}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_ray_container_gets_the_serving_env_and_nothing_else(variant: str):
+    docs = build(variant)
+    env_map = one(docs, "ConfigMap", "clip-ray-serve-env")
+    assert env_map["data"] == serve_env()  # k8s/base/ray-serve.env is deploy/ray-serve.env
+    small_cpu = set(serve_env(SMALL_CPU_ENV)) - set(serve_env()) if SMALL_CPU_ENV.exists() else set()
+    for name, spec in ray_pod_specs(one(docs, "RayService")).items():
+        container = spec["containers"][0]
+        assert container["envFrom"] == [{"configMapRef": {"name": env_map["metadata"]["name"]}}], name
+        own = {e["name"] for e in container.get("env", [])}
+        assert not own & (set(serve_env()) | small_cpu), (name, own)
+        assert not {k for k in own if k.startswith("RAY_")}, (name, own)
+
+
+def test_model_of_weights_job_is_the_served_model():
+    for variant in VARIANTS:
+        docs = build(variant)
+        args = serve_config(one(docs, "RayService"))["applications"][0]["args"]
+        model = one(docs, "ConfigMap", "clip-model")["data"]
+        assert model["CLIP_MODEL"] == args["model"] and (model["CLIP_PRETRAINED"] or None) == args.get("pretrained")
+        job = one(docs, "Job", "clip-fetch-weights")
+        assert "serve_app.modeling" in " ".join(job["spec"]["template"]["spec"]["containers"][0]["command"])
+
+
+# ------------------------------------------------------------------ what the manifests promise
+
+
+def test_gpu_rayservice_shape():
+    rayservice = one(build("gpu"), "RayService")
+    spec = rayservice["spec"]
+    cluster = spec["rayClusterConfig"]
+    assert spec["upgradeStrategy"]["type"] == "NewCluster" and spec["excludeHeadPodFromServeSvc"] is True
+    assert cluster["rayVersion"].startswith("2.60.") and cluster["enableInTreeAutoscaling"] is True
+    assert cluster["autoscalerOptions"]["version"] == "v2" and cluster["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "clip-ray-token"}
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    gpu, cpu = groups["gpu-group"], groups["cpu-group"]
+    for group in (gpu, cpu):
+        assert group["minReplicas"] < group["maxReplicas"]
+    resources = gpu["template"]["spec"]["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == "1" and resources["requests"] == resources["limits"]
+    assert "nvidia.com/gpu" not in cpu["template"]["spec"]["containers"][0]["resources"]["limits"]
+    # the encoder pool fills the GPU group: one replica per GPU, autoscaling up to the group's size
+    args = serve_config(rayservice)["applications"][0]["args"]
+    assert args["device"] == "cuda" and args["precision"] == "bf16" and args.get("layout", "pools") == "pools"
+    encoder = args["encoder"]
+    assert encoder["num_gpus"] == 1 and encoder["autoscaling_config"]["min_replicas"] == gpu["minReplicas"]
+    assert encoder["autoscaling_config"]["max_replicas"] == gpu["maxReplicas"]
+    ray_cpus = float(resources["limits"]["cpu"])
+    on_one_node = (encoder["num_cpus"] + args["preprocessor"]["num_cpus"] * args["preprocessor"]["autoscaling_config"][
+        "min_replicas"] + args["ingress"]["num_cpus"] * args["ingress"]["autoscaling_config"]["min_replicas"])
+    assert on_one_node <= ray_cpus, "the minimum pools must fit on the first GPU node"
+    http = serve_config(rayservice)["http_options"]
+    assert (http["host"], http["port"]) == ("0.0.0.0", 8000) and http["request_timeout_s"] > args["request_timeout_s"]
+
+
+def test_cpu_overlay_drops_the_gpu_group():
+    rayservice = one(build("cpu"), "RayService")
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    assert [g["groupName"] for g in cluster["workerGroupSpecs"]] == ["cpu-group"]
+    args = serve_config(rayservice)["applications"][0]["args"]
+    assert args["device"] == "cpu" and args["encoder"]["num_gpus"] == 0
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["minReplicas"] >= 1 and group["maxReplicas"] == args["encoder"]["autoscaling_config"]["max_replicas"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    need = args["encoder"]["num_cpus"] + args["preprocessor"]["num_cpus"] + args["ingress"]["num_cpus"]
+    assert need <= float(limits["cpu"])
+    assert one(build("cpu"), "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_worker_pods_serve_offline_with_secrets_and_probes(variant: str):
+    for name, spec in ray_pod_specs(one(build(variant), "RayService")).items():
+        container = spec["containers"][0]
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env["CLIP_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "clip-api-keys", name
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        if name == "head":
+            assert "readinessProbe" not in container and "livenessProbe" not in container  # KubeRay's defaults
+            continue
+        assert env["HF_HUB_OFFLINE"]["value"] == "1" and env["HF_HOME"]["value"].startswith("/models")
+        assert all(m.get("readOnly") for m in container["volumeMounts"])
+        assert spec["initContainers"][0]["name"] == "wait-for-weights"
+        readiness = " ".join(container["readinessProbe"]["exec"]["command"])
+        liveness = " ".join(container["livenessProbe"]["exec"]["command"])
+        assert "localhost:8000/health" in readiness and "local_raylet_healthz" in readiness
+        assert container["readinessProbe"]["timeoutSeconds"] > 10  # HEALTH_TIMEOUT_S in serve_app/ingress.py
+        # liveness never asks the encoders: only the raylet and the ingress's own /livez
+        assert "/livez" in liveness and "/health" not in liveness
+
+
+def test_hf_token_is_optional_and_no_secret_is_committed():
+    docs = build("gpu")
+    job = one(docs, "Job", "clip-fetch-weights")
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert not [d for d in docs if d["kind"] == "Secret"], "Secrets are created by hand (k8s/README.md)"
+
+
+def test_network_policy_opens_only_serving_and_metrics_ports():
+    policy = one(build("gpu"), "NetworkPolicy")
+    opened_to_all = [r for r in policy["spec"]["ingress"] if "from" not in r]
+    assert [p["port"] for r in opened_to_all for p in r["ports"]] == [8000]
+    every_port = [r for r in policy["spec"]["ingress"] if "ports" not in r]
+    assert all(f.get("podSelector") and not f.get("namespaceSelector") for r in every_port for f in r["from"])
+    closed = {6379, 8265, 10001, 8404, 9101}
+    for rule in policy["spec"]["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if any("prometheus" in json.dumps(f) for f in rule.get("from", [])):
+            assert ports == {8080, 44217, 44227}
+        elif ports:
+            assert not (ports & closed) or any("kuberay-operator" in json.dumps(f) for f in rule["from"])
+
+
+def test_python_build_matches_kustomize():
+    """The fallback used where kubectl is missing builds the same objects (modulo hashed names)."""
+    if not shutil.which("kubectl"):
+        pytest.skip("kubectl not installed")
+
+    def normal(docs):
+        text = json.dumps(sorted(docs, key=lambda d: (d["kind"], d["metadata"]["name"])), sort_keys=True)
+        for name in ("clip-ray-serve-env", "clip-model"):
+            text = __import__("re").sub(name + r"-[a-z0-9]{10}", name, text)
+        return json.loads(text)
+
+    for variant in VARIANTS:
+        kustomized = [d for d in normal(list(build(variant))) if d["kind"] not in ("ConfigMap",)]
+        python = [d for d in normal(_python_build(variant)) if d["kind"] not in ("ConfigMap",)]
+        for doc in kustomized:  # kustomize adds the namespace and the common label; the Python build does not
+            doc["metadata"].pop("namespace", None)
+            doc["metadata"].get("labels", {}).pop("app.kubernetes.io/part-of", None)
+            for d in python:
+                d["metadata"].get("labels", {}).pop("app.kubernetes.io/part-of", None)
+        assert [(d["kind"], d["metadata"]["name"]) for d in kustomized] == \
+            [(d["kind"], d["metadata"]["name"]) for d in python]
+        for k, p in zip(kustomized, python):
+            if k["kind"] == "RayService":
+                assert serve_config(k) == serve_config(p)
+                assert k["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["groupName"] == \
+                    p["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["groupName"]

@@ -78,5 +78,5 @@ def open_network_warning(host: str | None, port: int | None, keys: tuple[bytes, 
     return (
         f"SECURITY WARNING: the HTTP API listens on {host or '0.0.0.0'}:{port} (not loopback) and NO API KEYS "
         f"are set: anyone who can reach this address can use it. Set `api_keys`, {ENV_KEYS} or {ENV_KEYS_FILE} "
-        "(docs/SECURITY-section.md), or bind http_options.host to 127.0.0.1."
+        "(README.md, section Security), or bind http_options.host to 127.0.0.1."
     )

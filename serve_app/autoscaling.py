@@ -26,8 +26,6 @@ from typing import Any
 PENDING_BATCHES = "pending_batches"  # full batches' worth of rows waiting or in the running pass
 BATCHES_PER_CALL = "batches_per_call"  # recent mean of a call's rows / max_batch_size (for handle-queued calls)
 
-POLICY_FUNCTION = "serve_app.autoscaling:QueueDepthPolicy"
-
 
 class QueueDepthPolicy:
     """desired replicas = pending batches / target_fill, with hysteresis; see the module docstring."""

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 DEFAULT_MODEL = "hf-hub:laion/CLIP-ViT-g-14-laion2B-s34B-b88K"
+QUEUE_DEPTH_POLICY = "serve_app.autoscaling:QueueDepthPolicy"  # serve_app/autoscaling.py
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 Layout = Literal["pools", "one-process"]
@@ -119,7 +120,7 @@ POOL_DEFAULTS: dict[str, dict[str, Any]] = {
 #   and awaits, so it carries many.
 AUTOSCALING_DEFAULTS: dict[str, dict[str, Any]] = {
     "encoder": {
-        "policy": {"policy_function": "serve_app.autoscaling:QueueDepthPolicy",
+        "policy": {"policy_function": QUEUE_DEPTH_POLICY,
                    "policy_kwargs": {"target_fill": 1.0, "hysteresis": 0.25}},
         "metrics_interval_s": 2.0, "look_back_period_s": 6.0, "upscale_delay_s": 5.0, "downscale_delay_s": 60.0,
     },
@@ -183,7 +184,8 @@ class ModelSpec(StrictModel):
     image_decode: ImageDecode = Field(
         default="exact",
         description="exact: open_clip's transform on the fully decoded image; fast: JPEGs decoded by libjpeg at a "
-        "reduced scale (no less than twice the input size), then the same transform (docs/image_decode.md)",
+        "reduced scale (no less than twice the input size), then the same transform (README.md, Configuration; "
+        "BENCHMARKS.md, Preprocessing per core)",
     )
     batching: BatchSettings = Field(default_factory=BatchSettings)
     encoder: PoolSettings = Field(default_factory=lambda: PoolSettings(**POOL_DEFAULTS["encoder"]))
@@ -332,7 +334,7 @@ class AppArgs(StrictModel):
     )
     image_limits: ImageLimits = Field(default_factory=ImageLimits)
     zero_shot: ZeroShotSettings = Field(default_factory=lambda: ZeroShotSettings())
-    # hardening (docs/SECURITY-section.md)
+    # hardening (README.md, "Security")
     limits: RequestLimits = Field(default_factory=RequestLimits)
     api_keys: list[str] | None = Field(
         default=None,

@@ -6,7 +6,7 @@ encoders use (torch.compile's CPU backend emits the same op for bf16 weights, bu
 so the weights are reordered once at load and the dense copies dropped (BENCHMARKS.md, "oneDNN linear layers
 with packed weights", which gives the measurements and the command that re-checks them). The arithmetic is
 the same fp32 in another summation order: unit vectors agree with open_clip's within 1e-6
-(tests/test_cpu_kernels.py).
+(tests/unit/test_cpu_kernels.py).
 
 Only open_clip's own `Transformer` blocks are rewritten (the layers that carry the FLOPs): their MLP linears
 (with GELU fused into the first when it is plain `nn.GELU`) and their self-attention's two projections.

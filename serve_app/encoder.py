@@ -43,14 +43,14 @@ class _Rows:
 
 class QueueDepth:
     """The rows an encoder holds, by modality: waiting (at the gate and in the batch queues) and in the
-    running pass; and recent batch fill. What `record_autoscaling_stats` and the queue-depth gauges report."""
+    running pass, and the size of recent calls. What `record_autoscaling_stats` and the queue-depth gauges
+    report."""
 
-    RECENT = 32  # passes and calls that "recent" averages over
+    RECENT = 32  # calls that "recent" averages over
 
     def __init__(self) -> None:
         self.waiting = {"image": 0, "text": 0}
         self.running = {"image": 0, "text": 0}
-        self._fills: deque[float] = deque(maxlen=self.RECENT)
         self._calls: deque[float] = deque(maxlen=self.RECENT)  # rows / max_batch_size of recent calls
 
     def arrived(self, modality: str, rows: int, max_rows: int) -> None:
@@ -65,17 +65,12 @@ class QueueDepth:
         self.waiting[modality] -= rows
         self.running[modality] += rows
 
-    def pass_ended(self, modality: str, rows: int, max_rows: int) -> None:
+    def pass_ended(self, modality: str, rows: int) -> None:
         self.running[modality] -= rows
-        self._fills.append(rows / max_rows)
 
     def pending_batches(self, max_rows: dict[str, int]) -> float:
         """Full batches' worth of rows waiting or running, each modality at its own batch size."""
         return sum((self.waiting[m] + self.running[m]) / max_rows[m] for m in self.waiting)
-
-    @property
-    def batch_fill(self) -> float:
-        return sum(self._fills) / len(self._fills) if self._fills else 0.0
 
     @property
     def batches_per_call(self) -> float:
@@ -292,7 +287,7 @@ class ClipEncoder:
         finally:
             seconds = time.perf_counter() - now
             self._gate.pass_ended(rows, seconds, max_rows)
-            self._depth.pass_ended(modality, rows, max_rows)
+            self._depth.pass_ended(modality, rows)
             self._report_depth()
         metrics.observe_batch(self._spec.name, modality, rows, seconds, rows / max_rows)
         return results

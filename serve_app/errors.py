@@ -47,11 +47,13 @@ class ModelNotFound(ServeAppError):
 class RequestTimeout(ServeAppError):
     status_code = 408
     error_type = "invalid_request_error"
+    reason = "slow_body"
 
 
 class PayloadTooLarge(ServeAppError):
     status_code = 413
     error_type = "invalid_request_error"
+    reason = "too_large"
 
 
 class Overloaded(ServeAppError):

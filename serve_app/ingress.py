@@ -1,7 +1,7 @@
 """OpenAIIngress deployment: thin OpenAI-style HTTP routes over the preprocessing and encoder pools.
 
-Every request passes `_every_request` (request id, metrics, the one error mapper); later concerns such as
-API keys and rate limits belong there too. Routes parse, await the service, and build the response.
+Every request passes `EveryRequest` (API keys, the body cap, the deadline, metrics and the one error mapper).
+Routes parse, await the service, and build the response.
 """
 
 import asyncio
@@ -102,7 +102,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
     cause = find_app_error(exc)  # FastAPI wraps what reading the body raised (the body size cap) in a 400
     if cause is not None:
         mapped = error_payload(cause)
-        return _json(mapped.body, mapped.status_code)
+        if mapped.reason is not None:
+            path = _route_path(request.scope)
+            metrics.count_rejected(path if path in KNOWN_ROUTES else "other", mapped.reason)
+        return _json(mapped.body, mapped.status_code, mapped.headers)
     return _json(error_body(exc.status_code, str(exc.detail), "invalid_request_error").body, exc.status_code)
 
 
@@ -230,7 +233,7 @@ class EveryRequest:
         except Exception as exc:  # the one error mapper
             request_id = headers.get("x-request-id") or uuid.uuid4().hex
             mapped = error_payload(exc, request_id)
-            if mapped.status_code >= 500 and mapped.reason is None:
+            if mapped.status_code >= 500 and mapped.reason is None:  # refusals are counted, not logged
                 logger.exception("request %s failed", request_id)
             if mapped.reason is not None:
                 metrics.count_rejected(route, mapped.reason)

@@ -60,11 +60,10 @@ def image_input(value: str, param: str, url_policy: ImageURLPolicy = "off") -> I
         if len(value) > MAX_URL_CHARS:
             raise InvalidRequest(f"image URL is longer than {MAX_URL_CHARS} characters", param=param)
         return ImageInput(value, param)
-    head = value[:16].lower()
-    if head.startswith(("http://", "https://")):
+    if is_url(value):
         raise InvalidRequest(
-            "image URLs are not supported yet: send the image inline as a data: URI "
-            "(data:image/jpeg;base64,...) or as bare base64",
+            "image URLs are not enabled on this server (image_url_policy is off): send the image inline as a "
+            "data: URI (data:image/jpeg;base64,...) or as bare base64",
             param=param,
         )
     if "://" in value[:32]:

@@ -90,12 +90,10 @@ class ModelPreprocessing:
         """One image's (3, H, W) uint8 pixels; raises naming it (`param`)."""
         return self.pixels_of(self.probe(item, param), param)
 
-    def images(self, data: list[str | bytes], params: list[str], pixel_budget: int | None = None) -> torch.Tensor:
+    def images(self, data: list[str | bytes], params: list[str]) -> torch.Tensor:
         """(N, 3, H, W) uint8 pixels, one image after another; raises naming the first bad image. Every header
-        is read and the request's pixel budget checked before any image is decoded."""
+        is read before any image is decoded."""
         probed = [self.probe(d, p) for d, p in zip(data, params)]
-        if pixel_budget is not None:
-            check_request_pixels(probed, params, pixel_budget)
         return stack_pixels([self.pixels_of(image, p) for image, p in zip(probed, params)])
 
     def texts(self, texts: list[str]) -> TokenBatch:

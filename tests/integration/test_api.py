@@ -202,7 +202,7 @@ BAD_REQUESTS = {
     "bad-dimensions": ({"input": "x", "dimensions": 16}, 400, "dimensions", "32"),
     "token-ids": ({"input": [1, 2, 3]}, 400, "input", "token-id"),
     "token-id-lists": ({"input": [[1, 2], [3]]}, 400, "input[0]", "token-id"),
-    "image-url": ({"input": [{"image": "https://example.com/a.jpg"}]}, 400, "input[0]", "not supported yet"),
+    "image-url": ({"input": [{"image": "https://example.com/a.jpg"}]}, 400, "input[0]", "not enabled"),
     "empty-text": ({"input": [""]}, 400, "input[0]", "empty"),
 }
 

@@ -8,6 +8,7 @@ JSON patch is applied in Python, so the same checks run either way.
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 from functools import cache
@@ -17,6 +18,7 @@ import jsonschema
 import pytest
 import yaml
 
+from serve_app.auth import bearer_token, key_matches, resolve_api_keys
 from serve_app.ray_env import serve_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -312,6 +314,13 @@ def test_worker_pods_serve_offline_with_secrets_and_probes(variant: str):
         readiness = " ".join(container["readinessProbe"]["exec"]["command"])
         liveness = " ".join(container["livenessProbe"]["exec"]["command"])
         assert "localhost:8000/health" in readiness and "local_raylet_healthz" in readiness
+        # once keys are set /health needs one: the probe sends the first key of CLIP_API_KEYS, as the ingress
+        # checks it (a probe without it would keep every pod unready)
+        header = re.search(r'--header "(Authorization: Bearer [^"]+)"', readiness).group(1)
+        sent = subprocess.run(["bash", "-c", f'echo "{header}"'], env={"CLIP_API_KEYS": "first-key,second-key"},
+                              capture_output=True, text=True, check=True).stdout.strip()
+        keys = resolve_api_keys(None, None, environ={"CLIP_API_KEYS": "first-key,second-key"})
+        assert key_matches(bearer_token(sent.split(": ", 1)[1]), keys) and sent.endswith("first-key")
         assert container["readinessProbe"]["timeoutSeconds"] > 10  # HEALTH_TIMEOUT_S in serve_app/ingress.py
         # liveness never asks the encoders: only the raylet and the ingress's own /livez
         assert "/livez" in liveness and "/health" not in liveness

@@ -117,7 +117,8 @@ def driver_handle(deployment: str, app_name: str = "clip"):
     from ray import serve
 
     handle = serve.get_deployment_handle(deployment, app_name=app_name)
-    handle._init(_run_router_in_separate_loop=True)
+    if handle._router is None:  # Serve hands out one handle per deployment; a second test reuses it as set up
+        handle._init(_run_router_in_separate_loop=True)
     return handle
 
 

@@ -59,7 +59,7 @@ def deploy(name: str, tiny_model_dir, encoder: dict, pass_s: float, batching: di
     ).bind(spec, pass_s)
     preprocessor = Preprocessor.options(ray_actor_options={"num_cpus": 0.1}).bind([spec], ImageLimits())
     app = OpenAIIngress.options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256).bind(
-        preprocessor, {TINY_NAME: encoder_app}, [spec], 64, ZeroShotSettings(), None, request_timeout_s
+        preprocessor, {TINY_NAME: encoder_app}, [spec], 64, ZeroShotSettings(), request_timeout_s=request_timeout_s
     )
     serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
     deadline = time.monotonic() + 120

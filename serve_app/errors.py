@@ -7,6 +7,7 @@ id, never a stack trace.
 
 import math
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,28 +98,24 @@ _UNAVAILABLE = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "Dep
                 "ReplicaUnavailableError", "WorkerCrashedError", "NodeDiedError")
 
 
-def _replica_lost(exc: BaseException) -> bool:
-    """Whether `exc` (or what it wraps) is one of Ray's failures of a replica that a retry may cure."""
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and what it wraps, outermost first: Ray's RayTaskError keeps the original as `.cause`."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if {cls.__name__ for cls in type(current).__mro__} & set(_UNAVAILABLE):
-            return True
+        yield current
         current = getattr(current, "cause", None) or current.__cause__
-    return False
+
+
+def _replica_lost(exc: BaseException) -> bool:
+    """Whether `exc` (or what it wraps) is one of Ray's failures of a replica that a retry may cure."""
+    return any({cls.__name__ for cls in type(e).__mro__} & set(_UNAVAILABLE) for e in _chain(exc))
 
 
 def find_app_error(exc: BaseException) -> ServeAppError | None:
-    """Finds our own error inside whatever Ray wrapped it in (RayTaskError keeps it as `.cause`)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, ServeAppError):
-            return current
-        current = getattr(current, "cause", None) or current.__cause__
-    return None
+    """Finds our own error inside whatever Ray wrapped it in."""
+    return next((e for e in _chain(exc) if isinstance(e, ServeAppError)), None)
 
 
 def pool_refusal(exc: BaseException) -> ServeAppError | None:
@@ -132,20 +129,14 @@ def pool_refusal(exc: BaseException) -> ServeAppError | None:
         return None
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in _chain(exc):
         if isinstance(current, BackPressureError):
             message = "The service is overloaded: too many requests are queued. Retry after a moment."
             error: ServeAppError = Overloaded(message) if current.status_code == 429 else PoolUnavailable(message)
             error.retry_after_s = current.retry_after_s
             return error
         if isinstance(current, DeploymentUnavailableError):
-            error = PoolUnavailable("The service has no replica ready for this request; retry later.")
-            error.retry_after_s = 1
-            return error
-        current = getattr(current, "cause", None) or current.__cause__
+            return PoolUnavailable("The service has no replica ready for this request; retry later.")
     return None
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from serve_app.bench.report import tree_rss
 from serve_app.processes import session_members as _session_members
-from serve_app.processes import signal_session
+from serve_app.processes import end_session
 from serve_app.ray_env import free_port, node_ports, one_machine_env
 
 
@@ -95,14 +95,8 @@ class ManagedServer:
                 self.process.wait(grace_s)
             except subprocess.TimeoutExpired:
                 pass
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            self.process.poll()  # reaps the leader if it has exited
-            if not signal_session(sid, sig):
-                break
-            deadline = time.time() + wait
-            while time.time() < deadline and _session_members(sid):
-                self.process.poll()
-                time.sleep(0.2)
+        self.process.poll()  # reaps the leader if it has exited
+        end_session(sid)  # whatever outlived it in its session
         if self.process.poll() is None:
             self.process.wait(5)
         self.process = None

@@ -49,7 +49,8 @@ import requests
 import yaml
 from PIL import Image
 
-from serve_app.bench.servers import _session_members, signal_session
+from serve_app.processes import session_members as _session_members
+from serve_app.processes import signal_session
 from serve_app.ray_env import ONE_MACHINE_ENV, free_port, node_ports, serve_env
 
 ROOT = Path(__file__).resolve().parents[2]

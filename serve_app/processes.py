@@ -81,10 +81,16 @@ def listeners(port: int) -> set[str]:
     return names or {"another user's process"}
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_in_own_session(command: list[str], env: dict[str, str]) -> int:
     """Runs `command` in a session of its own; SIGINT, SIGTERM and SIGHUP are passed on to it; once it has
     exited, whatever it left in its session is ended too. Returns its exit status."""
-    process = subprocess.Popen(command, env=env, start_new_session=True)
+    # Ctrl-C must reach it even when this launcher was started with SIGINT ignored (a shell's background job,
+    # `make ... &`): the command starts with SIGINT's default, so that `serve run` installs its own handler.
+    process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_sigint_default)
 
     def forward(sig: int, _frame: object) -> None:
         try:

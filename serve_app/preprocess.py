@@ -21,8 +21,19 @@ from serve_app import metrics
 from serve_app.config import ImageLimits, ImageURLPolicy, ModelSpec, RequestLimits
 from serve_app.errors import InvalidRequest, ModelNotFound
 from serve_app.fetch import Budget, ImageFetcher
-from serve_app.imaging import check_request_pixels, decode_base64, load_image, probe_image
-from serve_app.modeling import ImagePipeline, get_tokenizer, image_pipeline, load_model_config
+from serve_app.imaging import (
+    check_request_pixels,
+    decode_base64,
+    load_image,
+    probe_image,
+)
+from serve_app.inputs import is_url
+from serve_app.modeling import (
+    ImagePipeline,
+    get_tokenizer,
+    image_pipeline,
+    load_model_config,
+)
 from serve_app.openmp import keep_torch_serial_on_this_thread
 
 logger = logging.getLogger("ray.serve")
@@ -161,7 +172,7 @@ class Preprocessor:
 
     async def _fetch_urls(self, data: list[str], params: list[str], share: float) -> list[str | bytes]:
         """URLs fetched concurrently (under the policy), everything else as it came."""
-        urls = [i for i, d in enumerate(data) if d[:8].lower().startswith(("http://", "https://"))]
+        urls = [i for i, d in enumerate(data) if is_url(d)]
         if not urls:
             return list(data)
         fetched_at = set(urls)

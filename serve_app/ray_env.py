@@ -68,14 +68,22 @@ def one_machine_env(small_cpu: bool = True) -> dict[str, str]:
 _PICK_FROM = range(20000, 32768)
 
 
+def _bindable(port: int) -> bool:
+    """Nobody holds `port` on any address: a server of ours may bind 0.0.0.0 or 127.0.0.1 (a socket on one
+    of them alone does not stop a bind on the other)."""
+    for host in ("0.0.0.0", "127.0.0.1"):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now, outside the OS's ephemeral range."""
     for port in random.sample(_PICK_FROM, 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                continue
+        if _bindable(port):
             return port
     raise RuntimeError(f"no free TCP port in {_PICK_FROM.start}-{_PICK_FROM.stop - 1}")
 
@@ -94,19 +102,9 @@ def node_ports() -> dict[str, str]:
 
 def direct_ingress_ports(block: int = 40) -> dict[str, str]:
     """Two blocks of `block` free ports, for the ingress replicas' HTTP and gRPC servers."""
-
-    def free(port: int) -> bool:
-        for host in ("0.0.0.0", "127.0.0.1"):
-            with socket.socket() as s:
-                try:
-                    s.bind((host, port))
-                except OSError:
-                    return False
-        return True
-
     for _ in range(100):
         base = random.randrange(_PICK_FROM.start, _PICK_FROM.stop - 2 * block, block)
-        if all(free(p) for p in range(base, base + 2 * block)):
+        if all(_bindable(p) for p in range(base, base + 2 * block)):
             return {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(base),
                     "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(base + block - 1),
                     "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(base + block),

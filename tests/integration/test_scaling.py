@@ -142,9 +142,9 @@ def test_encoder_pool_grows_on_queued_items_and_shrinks_after_without_failures(s
 @pytest.fixture(scope="module")
 def slow_url(serve_url, tiny_model_dir):
     """One encoder replica, two calls in flight and two queued at most, passes of one text taking 0.5 s, and
-    a server deadline of 3 s."""
+    a server deadline of 6 s (longer than the accepted part of a burst takes, shorter than 16 texts)."""
     name = deploy("slow", tiny_model_dir, {"num_cpus": 0.1, "max_ongoing_requests": 2, "max_queued_requests": 2},
-                  pass_s=0.5, batching={"max_batch_size": 1, "text_max_batch_size": 1}, request_timeout_s=3.0)
+                  pass_s=0.5, batching={"max_batch_size": 1, "text_max_batch_size": 1}, request_timeout_s=6.0)
     yield f"{serve_url}/{name}", driver_handle(f"{name}-encoder", app_name=name)
     serve.delete(name)
 
@@ -172,12 +172,12 @@ def test_overload_is_refused_at_once_with_429_and_retry_after(slow_url):
 
 def test_the_server_deadline_holds_whatever_the_client_asks(slow_url):
     url, _ = slow_url
-    # 8 texts at one per 0.5 s pass take 4 s, past the 3 s deadline; Ray's own timeout and disconnect watch
+    # 16 texts at one per 0.5 s pass take 8 s, past the 6 s deadline; Ray's own timeout and disconnect watch
     # are switched off by the client's headers, the deadline is not
-    response = requests.post(url + "/v1/embeddings", json={"input": [f"t{i}" for i in range(8)]},
+    response = requests.post(url + "/v1/embeddings", json={"input": [f"t{i}" for i in range(16)]},
                              headers={"x-request-timeout-seconds": "0", "x-request-disconnect-disabled": "?1"},
                              timeout=30)
-    assert_error(response, 504, None, "deadline")  # a 200 would mean the 8 passes ran to the end
+    assert_error(response, 504, None, "deadline")  # a 200 would mean the 16 passes ran to the end
 
 
 def settled(encoder) -> int:

@@ -360,7 +360,7 @@ def run_burst(watcher: Watcher, url: str, groups: list[Group], cpu_scale: float,
         with requests.Session() as session:
             while not stop_load.is_set():
                 try:
-                    r = session.post(url + "/v1/embeddings", json=payloads[i], timeout=60)
+                    r = session.post(url + "/v1/embeddings", json=payloads[i], timeout=30)
                     ok = r.status_code == 200 and len(r.json()["data"]) == IMAGES_PER_REQUEST
                     statuses.append(200 if ok else r.status_code)
                     if not ok and len(failed) < 5:
@@ -368,21 +368,28 @@ def run_burst(watcher: Watcher, url: str, groups: list[Group], cpu_scale: float,
                 except requests.RequestException as exc:
                     statuses.append(type(exc).__name__)
 
+    livez_answers: list[object] = []
     watcher.mark("load_start")
     with ThreadPoolExecutor(CLIENTS) as pool:
         futures = [pool.submit(client, i) for i in range(CLIENTS)]
-        load_deadline = time.monotonic() + LOAD_LIMIT_S
-        while time.monotonic() < load_deadline and "replicas_placed" not in watcher.events:
-            time.sleep(0.5)
-            if len(livez_s) < 20:  # liveness while the encoders are busy: the ingress answers by itself
-                t = time.perf_counter()
-                assert requests.get(url + "/livez", timeout=10).json() == {"status": "ok"}
-                livez_s.append(time.perf_counter() - t)
-        time.sleep(5)  # a few seconds with both encoders serving
-        stop_load.set()
+        try:
+            load_deadline = time.monotonic() + LOAD_LIMIT_S
+            while time.monotonic() < load_deadline and "replicas_placed" not in watcher.events:
+                time.sleep(0.5)
+                if len(livez_s) < 20:  # liveness while the encoders are busy: the ingress answers by itself
+                    t = time.perf_counter()
+                    try:
+                        livez_answers.append(requests.get(url + "/livez", timeout=10).json())
+                    except (requests.RequestException, ValueError) as exc:
+                        livez_answers.append(type(exc).__name__)
+                    livez_s.append(time.perf_counter() - t)
+            time.sleep(5)  # a few seconds with both encoders serving
+        finally:  # the clients stop whatever happened above, or the pool would wait for them forever
+            stop_load.set()
         for future in futures:
             future.result()
     watcher.mark("load_end")
+    assert all(answer == {"status": "ok"} for answer in livez_answers), livez_answers
 
     deadline = time.monotonic() + SCALE_DOWN_LIMIT_S
     while time.monotonic() < deadline and "idle_gpu_node_removed" not in watcher.events:

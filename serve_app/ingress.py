@@ -199,7 +199,8 @@ class EveryRequest:
         status = 500
         started = False
         headers = Headers(scope=scope)
-        route = _route_path(scope) if _route_path(scope) in KNOWN_ROUTES else "other"
+        path = _route_path(scope)
+        route = path if path in KNOWN_ROUTES else "other"
 
         async def send_and_watch(message: dict) -> None:
             nonlocal status, started
@@ -208,7 +209,7 @@ class EveryRequest:
             await send(message)
 
         try:
-            if GUARD.api_keys and _route_path(scope) not in OPEN_ROUTES:
+            if GUARD.api_keys and path not in OPEN_ROUTES:
                 if not key_matches(bearer_token(headers.get("authorization")), GUARD.api_keys):
                     status = 401
                     metrics.count_rejected(route, "unauthorized")

@@ -75,9 +75,9 @@ def our_app_args(settings: CompareSettings) -> dict[str, Any]:
     }
     if settings.pretrained:
         args["pretrained"] = settings.pretrained
-    if default_cpu_reservation(_merge(args, settings.app_args)) > (os.cpu_count() or 1):
-        args = _merge(args, SMALL_MACHINE_ARGS)
-    return _merge(args, settings.app_args)
+    if default_cpu_reservation(merge_args(args, settings.app_args)) > (os.cpu_count() or 1):
+        args = merge_args(args, SMALL_MACHINE_ARGS)
+    return merge_args(args, settings.app_args)
 
 
 def one_process_app_args(settings: CompareSettings) -> dict[str, Any]:
@@ -86,11 +86,12 @@ def one_process_app_args(settings: CompareSettings) -> dict[str, Any]:
     return {**args, "layout": "one-process"}
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def merge_args(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`, dicts merged key by key at every depth."""
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_args(merged[key], value)
         else:
             merged[key] = value
     return merged

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from serve_app.bench.compare import merge_args
 from serve_app.bench.servers import OurServer
 
 APP = "clip"
@@ -50,9 +51,7 @@ def step_app_args(settings: StepSettings) -> dict[str, Any]:
         "preprocessor": {"num_cpus": 0.25, "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, **fast}},
         "ingress": {"num_cpus": 0.25},
     }
-    for key, value in settings.app_args.items():
-        args[key] = {**args[key], **value} if isinstance(value, dict) and isinstance(args.get(key), dict) else value
-    return args
+    return merge_args(args, settings.app_args)
 
 
 class ScalingServer(OurServer):

@@ -28,9 +28,7 @@ Ray's wheel lacks the fake_multinode example config (`AutoscalingCluster` fails)
 session of its own with a private --temp-dir and free ports, and kills that session at the end.
 """
 
-import base64
 import copy
-import io
 import json
 import os
 import secrets
@@ -43,11 +41,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
 import yaml
-from PIL import Image
 
 from serve_app.processes import session_members as _session_members
 from serve_app.processes import signal_session
@@ -159,13 +155,6 @@ def simulated_serve_config(serve_config: dict, model_dir: Path, cpu_scale: float
         args[pool].pop("autoscaling_config", None)
         args[pool]["num_replicas"] = 1
     return config
-
-
-def png(seed: int) -> str:
-    rng = np.random.RandomState(seed)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.randint(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def sample(gcs_address: str, t0: float) -> dict:
@@ -349,7 +338,10 @@ def run_burst(watcher: Watcher, url: str, groups: list[Group], cpu_scale: float,
         assert time.monotonic() < deadline, json.dumps(watcher.samples[-3:])
         time.sleep(0.2)
 
-    payloads = [{"input": [png(i * IMAGES_PER_REQUEST + j) for j in range(IMAGES_PER_REQUEST)], "modality": "image",
+    from tests.conftest import data_uri, encode, random_image  # not at the top: this file also runs as the driver
+
+    images = [data_uri(encode(random_image(64, 64, seed=k))) for k in range(CLIENTS * IMAGES_PER_REQUEST)]
+    payloads = [{"input": images[i * IMAGES_PER_REQUEST:(i + 1) * IMAGES_PER_REQUEST], "modality": "image",
                  "model": SERVED_NAME} for i in range(CLIENTS)]
     stop_load = threading.Event()
     statuses: list[int | str] = []

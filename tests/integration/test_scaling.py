@@ -145,7 +145,10 @@ def slow_url(serve_url, tiny_model_dir):
     a server deadline of 6 s (longer than the accepted part of a burst takes, shorter than 16 texts)."""
     name = deploy("slow", tiny_model_dir, {"num_cpus": 0.1, "max_ongoing_requests": 2, "max_queued_requests": 2},
                   pass_s=0.5, batching={"max_batch_size": 1, "text_max_batch_size": 1}, request_timeout_s=6.0)
-    yield f"{serve_url}/{name}", driver_handle(f"{name}-encoder", app_name=name)
+    url = f"{serve_url}/{name}"
+    # one request through every pool first: the ingress sets its handles up on their first calls
+    assert post(url, {"input": "warm"}).status_code == 200
+    yield url, driver_handle(f"{name}-encoder", app_name=name)
     serve.delete(name)
 
 

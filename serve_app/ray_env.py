@@ -14,6 +14,7 @@ they import Ray.
 import argparse
 import os
 import random
+import shutil
 import socket
 import sys
 from collections.abc import MutableMapping
@@ -56,10 +57,19 @@ def small_cpu_env() -> dict[str, str]:
     return read_env_file(SMALL_CPU_ENV_FILE)
 
 
+def haproxy_env() -> dict[str, str]:
+    """HAProxy started through `clip-haproxy` (serve_app/haproxy.py: splice off, so that every client that
+    goes away is seen), found beside this Python or on PATH. Empty where the project is not installed (Ray
+    then starts its bundled HAProxy as is). The serving image sets the same variable itself (Dockerfile)."""
+    beside = Path(sys.executable).parent / "clip-haproxy"
+    wrapper = str(beside) if os.access(beside, os.X_OK) else shutil.which("clip-haproxy")
+    return {"RAY_SERVE_HAPROXY_BINARY_PATH": wrapper} if wrapper else {}
+
+
 def one_machine_env(small_cpu: bool = True) -> dict[str, str]:
     """What a Ray instance alone on one machine runs with: the serving env, the small-CPU tuning unless
-    `small_cpu=False` (a GPU box), and ONE_MACHINE_ENV."""
-    return {**serve_env(), **(small_cpu_env() if small_cpu else {}), **ONE_MACHINE_ENV}
+    `small_cpu=False` (a GPU box), HAProxy through `clip-haproxy`, and ONE_MACHINE_ENV."""
+    return {**serve_env(), **(small_cpu_env() if small_cpu else {}), **haproxy_env(), **ONE_MACHINE_ENV}
 
 
 # Below Linux's ephemeral range (32768-60999 by default) and above Ray's worker ports (10002-19999): a port

@@ -195,12 +195,15 @@ def settled(encoder) -> int:
 
 
 def test_a_client_that_goes_away_stops_using_the_encoder(slow_url):
+    """Three times: HAProxy once missed about half of such closes (serve_app/haproxy.py)."""
     url, encoder = slow_url
-    before = settled(encoder)
-    with pytest.raises(requests.exceptions.ReadTimeout):  # 6 texts would take 3 s; the client leaves at 0.8 s
-        requests.post(url + "/v1/embeddings", json={"input": [f"gone {i}" for i in range(6)]}, timeout=0.8)
-    time.sleep(3.5)  # the passes the request would have needed
-    assert settled(encoder) - before <= 3  # at most those started before the client left
+    for attempt in range(3):
+        before = settled(encoder)
+        with pytest.raises(requests.exceptions.ReadTimeout):  # 6 texts would take 3 s; the client leaves at 0.8 s
+            requests.post(url + "/v1/embeddings", json={"input": [f"gone {attempt} {i}" for i in range(6)]},
+                          timeout=0.8)
+        time.sleep(3.5)  # the passes the request would have needed
+        assert settled(encoder) - before <= 3, attempt  # at most those started before the client left
 
 
 def scrape() -> dict[str, list]:

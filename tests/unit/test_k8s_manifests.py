@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
 from functools import cache
 from pathlib import Path
 
@@ -375,3 +376,14 @@ def test_python_build_matches_kustomize():
                 assert serve_config(k) == serve_config(p)
                 assert k["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["groupName"] == \
                     p["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["groupName"]
+
+
+def test_the_image_starts_haproxy_through_the_wrapper():
+    """Pods start Ray with `ray start`, not through serve_app.ray_env: the image names `clip-haproxy` itself,
+    at a path it creates, and the project declares that command."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    env = dict(re.findall(r"^ENV (RAY_SERVE_HAPROXY_BINARY_PATH)=(\S+)$", dockerfile, re.M))
+    path = env["RAY_SERVE_HAPROXY_BINARY_PATH"]
+    assert f'ln -s "$(command -v clip-haproxy)" {path}' in dockerfile
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["clip-haproxy"] == "serve_app.haproxy:main"

@@ -1,0 +1,165 @@
+"""`clip-haproxy` (serve_app/haproxy.py): HAProxy with Ray Serve's options passes every client's close on.
+
+No Ray here: Ray's bundled HAProxy between a raw client and a plain backend, with the options that matter
+from the config Ray Serve writes (ray/serve/_private/haproxy_templates.py: `abortonclose`, `splice-request`,
+`splice-response`, `http-reuse always`, `idle-close-on-response`). The client sends its headers and body
+in two writes, as HTTP clients do (requests, httpx, the openai SDK), and closes before the answer; the
+backend must see the connection end. With splice on, HAProxy 2.8 often keeps such a connection half-open
+until the backend answers.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from serve_app.haproxy import NO_SPLICE
+from serve_app.ray_env import free_port, haproxy_env
+
+WRAPPER = Path(sys.executable).parent / "clip-haproxy"
+BODY = json.dumps({"input": [f"gone {j}" for j in range(6)]}).encode()
+
+
+class Backend:
+    """Answers health checks; holds every other request without answering and records whether its
+    connection ended (EOF or reset) within `hold_s`."""
+
+    def __init__(self, hold_s: float = 3.0) -> None:
+        self.port = free_port()
+        self.hold_s = hold_s
+        self.outcomes: list[str] = []
+        self.received = threading.Semaphore(0)
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while True:
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, data = data.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                while len(data) < length:
+                    data += conn.recv(65536)
+                data = data[length:]
+                if b"/-/healthz" in head:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nsuccess")
+                    continue
+                self.received.release()
+                conn.settimeout(self.hold_s)
+                try:
+                    ended = conn.recv(1) == b""
+                except TimeoutError:
+                    ended = False
+                except ConnectionResetError:
+                    ended = True
+                self.outcomes.append("seen" if ended else "missed")
+                return
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def ray_like_config(frontend_port: int, backend_port: int) -> str:
+    return f"""global
+    maxconn 4096
+    nbthread 4
+    tune.bufsize 16384
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 3600s
+    timeout http-keep-alive 90s
+    option abortonclose
+    option splice-request
+    option splice-response
+    option http-no-delay
+    option idle-close-on-response
+frontend http_frontend
+    bind 127.0.0.1:{frontend_port}
+    default_backend replicas
+backend replicas
+    http-reuse always
+    option httpchk GET /-/healthz
+    http-check expect status 200
+    default-server fastinter 250ms downinter 250ms fall 2 rise 2 inter 5s check
+    server replica 127.0.0.1:{backend_port} check
+"""
+
+
+def leave_early(port: int, backend: Backend) -> None:
+    """A client that sends a request (headers, then body), gives up on the answer and closes."""
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(BODY))
+        time.sleep(0.01)
+        client.sendall(BODY)
+        assert backend.received.acquire(timeout=10), "the request did not reach the backend"
+        time.sleep(0.8)
+
+
+@pytest.fixture
+def haproxy_through_wrapper(tmp_path):
+    backend = Backend()
+    port = free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(ray_like_config(port, backend.port))
+    proc = subprocess.Popen([str(WRAPPER), "-db", "-f", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, **haproxy_env()})
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "HAProxy did not listen"
+                time.sleep(0.1)
+        time.sleep(0.6)  # the backend's first health checks pass (rise 2, fastinter 250 ms)
+        yield port, backend, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        backend.close()
+
+
+def test_the_wrapper_runs_haproxy_without_splice(haproxy_through_wrapper):
+    _, _, proc = haproxy_through_wrapper
+    cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+    assert Path(cmdline[0].decode()).name == "haproxy" and NO_SPLICE.encode() in cmdline  # exec'd in place
+
+
+def test_every_client_that_leaves_is_seen_by_the_backend(haproxy_through_wrapper):
+    port, backend, _ = haproxy_through_wrapper
+    for _ in range(8):
+        leave_early(port, backend)
+    deadline = time.monotonic() + backend.hold_s + 5
+    while len(backend.outcomes) < 8 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert backend.outcomes == ["seen"] * 8
+
+
+def test_the_serving_env_starts_haproxy_through_the_wrapper():
+    assert haproxy_env() == {"RAY_SERVE_HAPROXY_BINARY_PATH": str(WRAPPER)}
+    assert os.access(WRAPPER, os.X_OK)

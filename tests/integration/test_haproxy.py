@@ -47,6 +47,12 @@ class Backend:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._answer(conn)
+        except ConnectionResetError:  # HAProxy ends its health checks with a reset
+            pass
+
+    def _answer(self, conn: socket.socket) -> None:
         with conn:
             data = b""
             while True:
@@ -70,7 +76,7 @@ class Backend:
                     ended = conn.recv(1) == b""
                 except TimeoutError:
                     ended = False
-                except ConnectionResetError:
+                except ConnectionResetError:  # how HAProxy ends a connection that a client gave up
                     ended = True
                 self.outcomes.append("seen" if ended else "missed")
                 return

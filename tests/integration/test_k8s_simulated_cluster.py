@@ -361,8 +361,8 @@ def run_burst(watcher: Watcher, url: str, groups: list[Group], cpu_scale: float,
                     statuses.append(type(exc).__name__)
 
     livez_answers: list[object] = []
-    # one request through every pool first, as production's first traffic after readiness: the ingress's
-    # handles to the pools are set up on its first call, which is not what the liveness check below measures
+    # one request through every pool first, as production's first traffic after readiness: the liveness check
+    # below measures the burst, not the simulated cluster's start-up on this machine's few cores
     warm = requests.post(url + "/v1/embeddings", json=payloads[0], timeout=120)
     assert warm.status_code == 200, warm.text
     watcher.mark("load_start")

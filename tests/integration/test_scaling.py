@@ -146,7 +146,7 @@ def slow_url(serve_url, tiny_model_dir):
     name = deploy("slow", tiny_model_dir, {"num_cpus": 0.1, "max_ongoing_requests": 2, "max_queued_requests": 2},
                   pass_s=0.5, batching={"max_batch_size": 1, "text_max_batch_size": 1}, request_timeout_s=6.0)
     url = f"{serve_url}/{name}"
-    # one request through every pool first: the ingress sets its handles up on their first calls
+    # one request through every pool first: the tests below start from an app that has served
     assert post(url, {"input": "warm"}).status_code == 200
     yield url, driver_handle(f"{name}-encoder", app_name=name)
     serve.delete(name)

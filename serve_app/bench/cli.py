@@ -110,7 +110,8 @@ def cmd_prep(args: argparse.Namespace) -> int:
         model=args.model, pretrained=_pretrained(args.pretrained), sizes=[_size(x) for x in _strs(args.sizes)],
         formats=_strs(args.formats), decodes=_strs(args.decodes), threads=_ints(args.threads), quality=args.quality,
         distinct=args.distinct, min_seconds=args.min_seconds, min_images=args.min_images, rounds=args.rounds,
-        encoder_rate=args.encoder_rate, ingress=args.ingress,
+        encoder_rate=args.encoder_rate, ingress=args.ingress, replicas=_ints(args.replicas) if args.replicas else [],
+        replica_cpus=args.replica_cpus,
     )
     report = run_prep(settings)
     report["command"] = " ".join(args.argv or ["clip-bench", *sys.argv[1:]])
@@ -335,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="images/s one GPU encodes (default 1000: an estimate for ViT-g/14 bf16 on an H200; no GPU "
                       "run measured yet)")
     prep.add_argument("--ingress", action="store_true", help="also time the ingress's parse and hand-off per request")
+    prep.add_argument("--replicas", default="", help="also measure the preprocessing pool on Ray Serve with these "
+                      "replica counts, e.g. 1,2 (JPEG sizes only)")
+    prep.add_argument("--replica-cpus", type=float, default=1.0, help="num_cpus of each pool replica (decode threads)")
     prep.add_argument("--out", default=None, help="JSON path (default bench-out/prep-<time>.json)")
     prep.set_defaults(func=cmd_prep, argv=None)
 

@@ -8,12 +8,19 @@ their ratio holds on a shared, noisy machine.
 
 `ingress`: what the ingress spends on such a request before the preprocessing pool sees it (JSON parse by
 the request model, `collect_inputs`, the hand-off's serialisation), next to the preprocessing cost.
+
+`replicas`: the preprocessing pool itself on Ray Serve: a Preprocessor deployment per replica count (each
+replica `replica_cpus` CPUs, so one decode thread per CPU, as in the service), driven through its handle by
+two callers per replica; images/s of each count, alternating in every round.
 """
 
+import asyncio
 import io
 import json
+import os
 import pickle
 import statistics
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +51,8 @@ class PrepSettings:
     encoder_rate: float | None = None  # images/s of one GPU; None: DEFAULT_ENCODER_RATE, an estimate
     ingress: bool = False
     ingress_repeats: int = 20
+    replicas: list[int] = field(default_factory=list)  # preprocessing-pool replica counts to measure; none: skip
+    replica_cpus: float = 1.0
 
 
 def photo(width: int, height: int, fmt: str, seed: int, quality: int = 90) -> bytes:
@@ -175,11 +184,108 @@ def run_prep(settings: PrepSettings) -> dict[str, Any]:
         "an estimate for ViT-g/14 bf16 on one H200; no GPU run measured yet",
         "setup_seconds": round(setup_s, 1), "machine": machine_info(), "loadavg_after": loadavg(), "results": results,
     }
+    if s.replicas:
+        report["pool"] = pool_rates(s, [c for c in cells if c[0] == "jpeg"])
     if s.ingress:
         report["ingress"] = ingress_costs(s, cells, {r["width"]: r for r in results
                                                      if r["format"] == "jpeg" and r["decode"] == "exact"
                                                      and r["threads"] == min(s.threads)})
     return report
+
+
+def pool_rates(s: PrepSettings, cells: list) -> list[dict[str, Any]]:
+    """Images/s of the Preprocessor pool on Ray Serve by replica count, per JPEG size and decode path. Uses the
+    process's Ray when it has one (the tests), else starts one with the serving environment."""
+    ray_module = sys.modules.get("ray")
+    started_ray = ray_module is None or not ray_module.is_initialized()
+    if started_ray:
+        from serve_app.ray_env import use_one_machine_env
+
+        use_one_machine_env()  # before Ray is imported: Ray reads it at import
+    import ray
+    from ray import serve
+
+    from serve_app.config import ImageLimits, ModelSpec
+    from serve_app.preprocess import Preprocessor
+
+    if started_ray:
+        ray.init(num_cpus=max(len(s.decodes) * sum(s.replicas) * s.replica_cpus, 1), include_dashboard=False,
+                 log_to_driver=False)
+    limits = ImageLimits(max_image_bytes=256 * 1024 * 1024)
+    apps = {}
+    try:
+        for decode in s.decodes:
+            spec = ModelSpec(model=s.model, pretrained=s.pretrained, image_decode=decode)  # type: ignore[arg-type]
+            for replicas in s.replicas:
+                app = Preprocessor.options(
+                    num_replicas=replicas, max_ongoing_requests=4, ray_actor_options={"num_cpus": s.replica_cpus},
+                ).bind([spec], limits, num_cpus=s.replica_cpus)
+                name = f"prep-bench-{decode}-{replicas}"
+                serve.run(app, name=name, route_prefix=None)
+                apps[(decode, replicas)] = (spec.name, name)
+
+        # The callers live in an actor of their own: a handle's router runs on its caller's event loop in Ray
+        # Serve's throughput mode, and an actor's loop lasts as long as the calls need it
+        caller = ray.remote(num_cpus=0)(PoolCaller).remote()
+        samples: dict[tuple, list[dict[str, float]]] = {}
+        for _ in range(s.rounds):
+            for _fmt, size, uris, _ in cells:
+                for (decode, replicas), (model, name) in apps.items():
+                    samples.setdefault((size, decode, replicas), []).append(
+                        ray.get(caller.measure.remote(name, model, uris, 2 * replicas, s.min_seconds)))
+        ray.kill(caller)
+    finally:
+        for _, name in apps.values():
+            serve.delete(name)
+        if started_ray:
+            serve.shutdown()
+            ray.shutdown()
+    rows = []
+    for (size, decode, replicas), rates in samples.items():
+        base = statistics.median(r["images_per_s"] for r in samples[(size, decode, min(s.replicas))])
+        rate = statistics.median(r["images_per_s"] for r in rates)
+        rows.append({"width": size[0], "height": size[1], "decode": decode, "replicas": replicas,
+                     "replica_cpus": s.replica_cpus, "images_per_s": rate, "rounds": [round(r["images_per_s"], 2)
+                                                                                         for r in rates],
+                     "machine_cores_busy": statistics.median(r["machine_cores_busy"] for r in rates),
+                     "callers_cores_busy": statistics.median(r["callers_cores_busy"] for r in rates),
+                     "scaling_vs_fewest_replicas": rate / base})
+    return rows
+
+
+def _busy_cpu_seconds() -> float:
+    """CPU-seconds the whole machine has spent busy since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as stat:
+        fields = [float(x) for x in stat.readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class PoolCaller:
+    """Callers of one Preprocessor app, in a process of their own (a Ray actor): its CPU time is theirs."""
+
+    async def measure(self, app: str, model: str, uris: list[str], callers: int, min_seconds: float
+                      ) -> dict[str, float]:
+        """`callers` callers each send one image after another until the window closes; with the cores the
+        machine kept busy meanwhile and those of the callers (on a small machine they share the replicas')."""
+        from ray import serve
+
+        handle = serve.get_app_handle(app)
+        await handle.images.remote(model, [uris[0]], ["warm-up"])
+        deadline = time.perf_counter() + min_seconds
+        machine, own = _busy_cpu_seconds(), time.process_time()
+
+        async def caller(k: int) -> int:
+            done = 0
+            while done < 1 or time.perf_counter() < deadline:
+                await handle.images.remote(model, [uris[(k + done) % len(uris)]], ["input[0]"])
+                done += 1
+            return done
+
+        start = time.perf_counter()
+        images = sum(await asyncio.gather(*(caller(k) for k in range(callers))))
+        elapsed = time.perf_counter() - start
+        return {"images_per_s": images / elapsed, "machine_cores_busy": (_busy_cpu_seconds() - machine) / elapsed,
+                "callers_cores_busy": (time.process_time() - own) / elapsed}
 
 
 def _median_ms(fn: Any, repeats: int) -> float:
@@ -260,4 +366,13 @@ def prep_tables(report: dict[str, Any]) -> str:
             ["body", "MB", "parse ms (FastAPI)", "validate_json ms", "collect ms", "pickle out ms", "pickle in ms",
              "base64 ms (prep)", "ingress ms", "exact prep ms"], ingress_rows)
         table += "\n(CPU milliseconds per request with one image; ingress = FastAPI parse + collect + pickle out)"
+    if "pool" in report:
+        pool_rows = [[f"JPEG {r['width']}x{r['height']}", r["decode"], r["replicas"], fmt(r["replica_cpus"], 1),
+                      fmt(r["images_per_s"], 1), fmt(r["scaling_vs_fewest_replicas"], 2),
+                      fmt(r["machine_cores_busy"], 2), fmt(r["callers_cores_busy"], 2),
+                      " ".join(f"{x:g}" for x in r["rounds"])] for r in report["pool"]]
+        table += "\n\n" + format_table(["pool input", "decode", "replicas", "CPUs each", "images/s",
+                                         "× fewest replicas", "machine cores busy", "callers' cores", "rounds"],
+                                        pool_rows)
+        table += "\n(the Preprocessor deployment on Ray Serve, two callers per replica through its handle)"
     return table

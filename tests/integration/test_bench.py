@@ -95,3 +95,32 @@ def test_compare_end_to_end_with_the_naive_server(tiny_model_dir: Path, tmp_path
     table = out.with_suffix(".md").read_text()
     assert "| naive" in table and "× bare" in table and "× bare alone" in table
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_prep_measures_the_preprocessing_pool_by_replica_count(serve_url: str, tiny_model_dir: Path):
+    """`clip-bench prep --replicas`: one Preprocessor app per replica count on the session's Ray, each with
+    as many running replicas as asked, measured in every round; the apps are gone after."""
+    from ray import serve
+
+    from serve_app.bench.prep import PrepSettings, prep_tables, run_prep
+
+    seen_replicas = {}
+    original = serve.run
+
+    def run_and_count(app, name, **kw):
+        handle = original(app, name=name, **kw)
+        seen_replicas[name] = serve.status().applications[name].deployments["Preprocessor"].replica_states
+        return handle
+
+    settings = PrepSettings(model=f"local-dir:{tiny_model_dir}", sizes=[(64, 48)], formats=["jpeg"],
+                            decodes=["exact"], min_seconds=0.3, min_images=1, rounds=2, replicas=[1, 2],
+                            replica_cpus=0.1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(serve, "run", run_and_count)
+        report = run_prep(settings)
+    assert seen_replicas == {"prep-bench-exact-1": {"RUNNING": 1}, "prep-bench-exact-2": {"RUNNING": 2}}
+    rows = {r["replicas"]: r for r in report["pool"]}
+    assert set(rows) == {1, 2} and all(r["images_per_s"] > 0 and len(r["rounds"]) == 2 for r in rows.values())
+    assert rows[1]["scaling_vs_fewest_replicas"] == 1.0 and rows[2]["machine_cores_busy"] > 0
+    assert "× fewest replicas" in prep_tables(report)
+    assert not set(serve.status().applications) & set(seen_replicas)

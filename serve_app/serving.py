@@ -27,7 +27,7 @@ from serve_app.protocol import (
     RerankResult,
     Usage,
 )
-from serve_app.zero_shot import LabelCache, check_labels, classifier_vectors, prompts, zero_shot_scores
+from serve_app.zero_shot import LabelCache, classifier_vectors, prompts, zero_shot_scores
 
 # Inputs per call to the pools: big requests (a 80,000-prompt label set) are cut so that the pieces
 # pipeline through preprocessing and spread over encoder replicas.
@@ -130,16 +130,15 @@ class ClipService:
         batch = await _from_pool(self._preprocessor.texts.remote(model.name, [x.text for x in texts]))
         return await _from_pool(model.encoder.embed_texts.remote(batch.tokens)), sum(batch.token_counts)
 
-
     async def classifiers(
         self, model: ServedModel, labels: list[str], templates: tuple[str, ...]
     ) -> tuple[np.ndarray, int]:
         """(labels, D) classifier vectors, from the label cache where possible; returns text tokens spent.
+        The labels were checked by the route (count, emptiness, length) before any work.
 
         Labels already being encoded for a concurrent request are awaited, not encoded again: a burst of
         requests with one new 80,000-prompt label set encodes it once.
         """
-        check_labels(labels, self.zero_shot.max_labels)
         vectors = self.label_cache.get_many(model.name, templates, labels)
         missing = [label for label in dict.fromkeys(labels) if label not in vectors]
         keys = {label: (model.name, templates, label) for label in missing}

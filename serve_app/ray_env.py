@@ -28,9 +28,11 @@ SMALL_CPU_ENV_FILE = DEPLOY_DIR / "ray-small-cpu.env"
 # the 30 s drain of a stopping ingress replica, so stopping takes seconds. KubeRay pods keep Ray's default.
 ONE_MACHINE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
-# HAProxy binds these on every Ray node; a second Ray instance on the same machine (tests, benchmarks)
-# needs other ones.
-HAPROXY_NODE_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+# Every Ray node binds these once (HAProxy's metrics and stats; the fallback proxy that HAProxy sends requests
+# to while no ingress replica is up); a second Ray instance on the same machine (tests, benchmarks) needs other
+# ones. Sharing the fallback proxy's port sent one instance's requests to the other's apps.
+NODE_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
+              "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -99,15 +101,15 @@ def free_port() -> int:
 
 
 def node_ports() -> dict[str, str]:
-    """Free ports for a Ray instance that may not be alone on the machine: HAProxy's node-wide listeners, and
-    private ranges for the ingress replicas' own HTTP and gRPC servers (direct ingress). Serve's defaults for
+    """Free ports for a Ray instance that may not be alone on the machine: the node-wide listeners (NODE_PORTS),
+    and private ranges for the ingress replicas' own HTTP and gRPC servers (direct ingress). Serve's defaults for
     the latter (30000-31000, 40000-41000) are the same in every Ray instance, and a replica bound to 127.0.0.1
     there takes the connections another instance's HAProxy sends to its own replica on 0.0.0.0: requests
     answered by a stranger's app."""
     ports: set[int] = set()
-    while len(ports) < len(HAPROXY_NODE_PORTS):
+    while len(ports) < len(NODE_PORTS):
         ports.add(free_port())
-    return {**{name: str(port) for name, port in zip(HAPROXY_NODE_PORTS, sorted(ports))}, **direct_ingress_ports()}
+    return {**{name: str(port) for name, port in zip(NODE_PORTS, sorted(ports))}, **direct_ingress_ports()}
 
 
 def direct_ingress_ports(block: int = 40) -> dict[str, str]:
@@ -131,7 +133,8 @@ def use_one_machine_env(environ: MutableMapping[str, str] = os.environ, small_cp
 
 def ports_needed(command: list[str], env: dict[str, str]) -> dict[int, str]:
     """The TCP ports a `serve run CONFIG.yaml` command will bind on this machine, with what each is for:
-    the config's HTTP port and, behind HAProxy, its stats and metrics ports. Empty for other commands."""
+    the config's HTTP port and, behind HAProxy, its stats and metrics ports and the fallback proxy's. Empty for
+    other commands."""
     configs = [arg for arg in command if arg.endswith((".yaml", ".yml", ".json"))]
     if "run" not in command or not configs or not Path(configs[0]).is_file():
         return {}
@@ -143,6 +146,8 @@ def ports_needed(command: list[str], env: dict[str, str]) -> dict[int, str]:
         ports[int(env.get("RAY_SERVE_HAPROXY_STATS_PORT", "8404"))] = "HAProxy's stats (RAY_SERVE_HAPROXY_STATS_PORT)"
         ports[int(env.get("RAY_SERVE_HAPROXY_METRICS_PORT", "9101"))] = (
             "HAProxy's metrics (RAY_SERVE_HAPROXY_METRICS_PORT)")
+        ports[int(env.get("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "8500"))] = (
+            "Serve's fallback proxy (RAY_SERVE_FALLBACK_PROXY_HTTP_PORT)")
     return ports
 
 

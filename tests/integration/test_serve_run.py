@@ -13,7 +13,7 @@ import requests
 import yaml
 
 from serve_app.processes import listeners, session_members, signal_session
-from serve_app.ray_env import HAPROXY_NODE_PORTS, free_port, node_ports, one_machine_env, serve_env, small_cpu_env
+from serve_app.ray_env import NODE_PORTS, free_port, node_ports, one_machine_env, serve_env, small_cpu_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -140,7 +140,7 @@ def test_serve_run_with_the_dev_config(tmp_path: Path, tiny_model_dir: Path):
     env = {k: v for k, v in os.environ.items() if k not in one_machine_env()}
     own_ports = node_ports()
     env.update({"RAY_USAGE_STATS_ENABLED": "0", **own_ports})
-    ports = [port, *(int(own_ports[name]) for name in HAPROXY_NODE_PORTS)]
+    ports = [port, *(int(own_ports[name]) for name in NODE_PORTS)]
     url = f"http://127.0.0.1:{port}"
     process = launch(tmp_path, config, env, "serve.log")
     sessions = [process.pid]  # the launcher's and each `serve run`'s: whatever is left there goes at the end

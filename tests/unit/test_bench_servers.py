@@ -7,7 +7,7 @@ from pathlib import Path
 
 def test_our_server_runs_ray_as_production_unless_the_caller_says_otherwise(monkeypatch, tmp_path: Path):
     from serve_app.bench.servers import OurServer
-    from serve_app.ray_env import HAPROXY_NODE_PORTS, serve_env
+    from serve_app.ray_env import NODE_PORTS, serve_env
 
     monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
     monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")  # the caller measures the other mode
@@ -15,8 +15,8 @@ def test_our_server_runs_ray_as_production_unless_the_caller_says_otherwise(monk
     assert server.env["RAY_SERVE_ENABLE_HA_PROXY"] == serve_env()["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert server.env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
     assert server.env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2"  # stops in seconds
-    ports = {server.env[name] for name in HAPROXY_NODE_PORTS}
-    assert len(ports) == 2 and all(p.isdigit() for p in ports)  # its own HAProxy ports, not 8404/9101
+    ports = {server.env[name] for name in NODE_PORTS}
+    assert len(ports) == len(NODE_PORTS) and all(p.isdigit() for p in ports)  # its own, not 8404/9101/8500
 
 
 def test_infinity_is_found_by_name_on_path_or_by_path(monkeypatch, tmp_path: Path):

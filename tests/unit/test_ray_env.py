@@ -59,3 +59,17 @@ def test_make_starts_cpu_configs_with_the_small_cpu_tuning_and_the_gpu_config_wi
     assert "--small-cpu" in serve_line("serve") and "local-cpu.yaml" in serve_line("serve")
     assert "--small-cpu" in serve_line("serve-dev") and "dev.yaml" in serve_line("serve-dev")
     assert "--small-cpu" not in serve_line("serve-gpu") and "local-gpu.yaml" in serve_line("serve-gpu")
+
+
+def test_a_second_ray_instance_gets_node_ports_of_its_own(tmp_path):
+    """Every node-wide listener gets a free port of its own, the fallback proxy's included (two instances that
+    shared it answered each other's requests), and the launcher checks them before `serve run` starts."""
+    from serve_app.ray_env import NODE_PORTS, node_ports, ports_needed
+
+    ports = node_ports()
+    assert set(NODE_PORTS) <= set(ports) and len({ports[name] for name in NODE_PORTS}) == len(NODE_PORTS)
+    assert "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT" in NODE_PORTS
+    config = tmp_path / "serve.yaml"
+    config.write_text("http_options: {port: 8123}\napplications: []\n")
+    needed = ports_needed(["serve", "run", str(config)], {"RAY_SERVE_ENABLE_HA_PROXY": "1", **ports})
+    assert set(needed) == {8123, *(int(ports[name]) for name in NODE_PORTS[:3])}

@@ -23,7 +23,7 @@ COPY pyproject.toml README.md ./
 COPY serve_app ./serve_app
 # Not editable, no extras: the service's own dependencies only (ray[serve] matches the base image's Ray).
 RUN python -m pip install --no-cache-dir . && rm -rf /opt/clip/build \
-    && ln -s "$(command -v clip-haproxy)" /usr/local/bin/clip-haproxy
+    && { [ -e /usr/local/bin/clip-haproxy ] || ln -s "$(command -v clip-haproxy)" /usr/local/bin/clip-haproxy; }
 # Ray starts HAProxy through this wrapper: splice off, so that clients that hang up are seen (serve_app/haproxy.py).
 ENV RAY_SERVE_HAPROXY_BINARY_PATH=/usr/local/bin/clip-haproxy
 

@@ -3,9 +3,10 @@
 Ray Serve writes HAProxy's config itself and turns `option splice-request` on. With it, HAProxy 2.8 often
 misses a client that closes its connection while the request waits for its answer: the connection stays
 half-closed, the ingress replica never hears of the disconnect, and the encoder runs the gone client's
-rows to the end (tests/unit/test_haproxy.py shows it against a plain backend; the gone-client test in
-tests/integration/test_scaling.py through Ray). `-dS` is HAProxy's command-line form of `nosplice`: body
-bytes go through HAProxy's buffers, one copy more, and every close is seen.
+rows to the end. `-dS` is HAProxy's command-line form of `nosplice`: body bytes go through HAProxy's
+buffers, one copy more, and every close is seen (tests/integration/test_haproxy.py checks that through this
+wrapper against a plain backend, the gone-client test in tests/integration/test_scaling.py through Ray;
+BENCHMARKS.md, "HAProxy without splice", has the miss rate with splice and the cost without).
 
 Ray starts this instead of the bundled binary through `RAY_SERVE_HAPROXY_BINARY_PATH`
 (`serve_app.ray_env` sets it; the Dockerfile sets it in the image).

@@ -28,9 +28,10 @@ SMALL_CPU_ENV_FILE = DEPLOY_DIR / "ray-small-cpu.env"
 # the 30 s drain of a stopping ingress replica, so stopping takes seconds. KubeRay pods keep Ray's default.
 ONE_MACHINE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
-# Every Ray node binds these once (HAProxy's metrics and stats; the fallback proxy that HAProxy sends requests
-# to while no ingress replica is up); a second Ray instance on the same machine (tests, benchmarks) needs other
-# ones. Sharing the fallback proxy's port sent one instance's requests to the other's apps.
+# A Ray instance binds these once per node (HAProxy's metrics and stats) or on its head node (the fallback
+# proxy that HAProxy sends requests to while no ingress replica is up); a second Ray instance on the same
+# machine (tests, benchmarks) needs other ones. Sharing the fallback proxy's port sent one instance's requests
+# to the other's apps.
 NODE_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
               "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
 

@@ -20,7 +20,6 @@ import json
 import os
 import pickle
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -196,23 +195,22 @@ def run_prep(settings: PrepSettings) -> dict[str, Any]:
 def pool_rates(s: PrepSettings, cells: list) -> list[dict[str, Any]]:
     """Images/s of the Preprocessor pool on Ray Serve by replica count, per JPEG size and decode path. Uses the
     process's Ray when it has one (the tests), else starts one with the serving environment."""
-    ray_module = sys.modules.get("ray")
-    started_ray = ray_module is None or not ray_module.is_initialized()
-    if started_ray:
-        from serve_app.ray_env import use_one_machine_env
-
-        use_one_machine_env()  # before Ray is imported: Ray reads it at import
     import ray
     from ray import serve
 
     from serve_app.config import ImageLimits, ModelSpec
     from serve_app.preprocess import Preprocessor
+    from serve_app.ray_env import free_port, use_one_machine_env
 
+    started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(num_cpus=max(len(s.decodes) * sum(s.replicas) * s.replica_cpus, 1), include_dashboard=False,
-                 log_to_driver=False)
+        use_one_machine_env()  # before ray.init: the processes Ray starts inherit it
+        ray.init(address="local", num_cpus=max(len(s.decodes) * sum(s.replicas) * s.replica_cpus, 1),
+                 include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     limits = ImageLimits(max_image_bytes=256 * 1024 * 1024)
     apps = {}
+    caller = None
     try:
         for decode in s.decodes:
             spec = ModelSpec(model=s.model, pretrained=s.pretrained, image_decode=decode)  # type: ignore[arg-type]
@@ -221,8 +219,8 @@ def pool_rates(s: PrepSettings, cells: list) -> list[dict[str, Any]]:
                     num_replicas=replicas, max_ongoing_requests=4, ray_actor_options={"num_cpus": s.replica_cpus},
                 ).bind([spec], limits, num_cpus=s.replica_cpus)
                 name = f"prep-bench-{decode}-{replicas}"
+                apps[(decode, replicas)] = (spec.name, name)  # before it starts: deleted even if it fails to
                 serve.run(app, name=name, route_prefix=None)
-                apps[(decode, replicas)] = (spec.name, name)
 
         # The callers live in an actor of their own: a handle's router runs on its caller's event loop in Ray
         # Serve's throughput mode, and an actor's loop lasts as long as the calls need it
@@ -233,8 +231,9 @@ def pool_rates(s: PrepSettings, cells: list) -> list[dict[str, Any]]:
                 for (decode, replicas), (model, name) in apps.items():
                     samples.setdefault((size, decode, replicas), []).append(
                         ray.get(caller.measure.remote(name, model, uris, 2 * replicas, s.min_seconds)))
-        ray.kill(caller)
     finally:
+        if caller is not None:
+            ray.kill(caller)
         for _, name in apps.values():
             serve.delete(name)
         if started_ray:

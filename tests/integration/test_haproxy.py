@@ -65,7 +65,10 @@ class Backend:
                 length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                                if line.lower().startswith(b"content-length:")), 0)
                 while len(data) < length:
-                    data += conn.recv(65536)
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
                 data = data[length:]
                 if b"/-/healthz" in head:
                     conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nsuccess")

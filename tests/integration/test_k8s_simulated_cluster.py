@@ -47,7 +47,7 @@ import yaml
 
 from serve_app.processes import session_members as _session_members
 from serve_app.processes import signal_session
-from serve_app.ray_env import ONE_MACHINE_ENV, free_port, node_ports, serve_env
+from serve_app.ray_env import ONE_MACHINE_ENV, free_port, haproxy_env, node_ports, serve_env
 
 ROOT = Path(__file__).resolve().parents[2]
 RAYSERVICE = ROOT / "k8s" / "base" / "rayservice.yaml"
@@ -265,7 +265,7 @@ def simulated_cluster(tmp_path: Path):
     config_path.write_text(json.dumps(autoscaler_config(groups, cpu_scale, idle_s * TIME_SCALE, gcs_address)))
     temp_dir = Path("/tmp") / f"ray-k8s-sim-{os.getpid()}"  # short: Ray's socket paths have a length limit
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
-    env.update(serve_env())  # deploy/ray-serve.env, as every pod gets it
+    env.update({**serve_env(), **haproxy_env()})  # deploy/ray-serve.env and clip-haproxy, as every pod gets them
     env.update({
         **ONE_MACHINE_ENV, **node_ports(),
         # Token auth, as `authOptions: {mode: token}` gives every pod (never ~/.ray/auth_token's token).

@@ -135,8 +135,8 @@ def test_serve_run_with_the_dev_config(tmp_path: Path, tiny_model_dir: Path):
     says so and who holds it."""
     port = free_port()
     config = dev_config(tmp_path, tiny_model_dir, port)
-    # Ray's environment from the launcher alone (not the tests' own), and HAProxy ports of its own: the
-    # session's Ray instance holds the ones the tests' environment names
+    # Ray's environment from the launcher alone (not the tests' own), and node-wide ports of its own
+    # (NODE_PORTS): the session's Ray instance holds the ones the tests' environment names
     env = {k: v for k, v in os.environ.items() if k not in one_machine_env()}
     own_ports = node_ports()
     env.update({"RAY_USAGE_STATS_ENABLED": "0", **own_ports})

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,66 +27,52 @@ WRAPPER = Path(sys.executable).parent / "clip-haproxy"
 BODY = json.dumps({"input": [f"gone {j}" for j in range(6)]}).encode()
 
 
-class Backend:
-    """Answers health checks; holds every other request without answering and records whether its
-    connection ended (EOF or reset) within `hold_s`."""
+class _Holding(BaseHTTPRequestHandler):
+    """Answers health checks; holds every POST without answering and records whether its connection ended
+    (EOF or reset) within the server's `hold_s`."""
+
+    protocol_version = "HTTP/1.1"  # HAProxy keeps connections to it open
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:  # HAProxy's health checks
+        self.send_response(200)
+        self.send_header("Content-Length", "7")
+        self.end_headers()
+        self.wfile.write(b"success")
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.received.release()
+        self.connection.settimeout(self.server.hold_s)
+        try:
+            ended = self.connection.recv(1) == b""
+        except TimeoutError:
+            ended = False
+        except ConnectionResetError:  # how HAProxy ends a connection that a client gave up
+            ended = True
+        self.server.outcomes.append("seen" if ended else "missed")
+        self.close_connection = True
+
+
+class Backend(ThreadingHTTPServer):
+    daemon_threads = True
 
     def __init__(self, hold_s: float = 3.0) -> None:
-        self.port = free_port()
+        super().__init__(("127.0.0.1", free_port()), _Holding)
+        self.port = self.server_address[1]
         self.hold_s = hold_s
         self.outcomes: list[str] = []
         self.received = threading.Semaphore(0)
-        self._server = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            self._answer(conn)
-        except ConnectionResetError:  # HAProxy ends its health checks with a reset
-            pass
-
-    def _answer(self, conn: socket.socket) -> None:
-        with conn:
-            data = b""
-            while True:
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                head, _, data = data.partition(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
-                while len(data) < length:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                data = data[length:]
-                if b"/-/healthz" in head:
-                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nsuccess")
-                    continue
-                self.received.release()
-                conn.settimeout(self.hold_s)
-                try:
-                    ended = conn.recv(1) == b""
-                except TimeoutError:
-                    ended = False
-                except ConnectionResetError:  # how HAProxy ends a connection that a client gave up
-                    ended = True
-                self.outcomes.append("seen" if ended else "missed")
-                return
+    def handle_error(self, request, client_address) -> None:  # HAProxy ends its health checks with a reset
+        pass
 
     def close(self) -> None:
-        self._server.close()
+        self.shutdown()
+        self.server_close()
 
 
 def ray_like_config(frontend_port: int, backend_port: int) -> str:

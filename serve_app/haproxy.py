@@ -5,8 +5,7 @@ misses a client that closes its connection while the request waits for its answe
 half-closed, the ingress replica never hears of the disconnect, and the encoder runs the gone client's
 rows to the end. `-dS` is HAProxy's command-line form of `nosplice`: body bytes go through HAProxy's
 buffers, one copy more, and every close is seen (tests/integration/test_haproxy.py checks that through this
-wrapper against a plain backend, the gone-client test in tests/integration/test_scaling.py through Ray;
-BENCHMARKS.md, "HAProxy without splice", has the miss rate with splice and the cost without).
+wrapper against a plain backend, the gone-client test in tests/integration/test_scaling.py through Ray).
 
 Ray starts this instead of the bundled binary through `RAY_SERVE_HAPROXY_BINARY_PATH`
 (`serve_app.ray_env` sets it; the Dockerfile sets it in the image).

@@ -263,25 +263,40 @@ class RequestLimits(StrictModel):
         default=32 * 1024 * 1024, ge=1024,
         description="request body size: 413 from Content-Length before reading, or once a chunked body passes it",
     )
+    max_json_values: int = Field(
+        default=262_144, ge=1024,
+        description="commas, braces and brackets of one request body, counted as it arrives (an upper bound of "
+        "its JSON values, checked before parsing): ordinary requests hold a few per item, and every character of "
+        "their texts counts at most once",
+    )
     body_read_timeout_s: float = Field(
         default=30.0, gt=0,
         description="seconds from the request's start until its whole body has arrived; a client that trickles "
         "its body past it gets 408 and frees its ingress slot",
     )
     max_text_chars: int = Field(
-        default=1000, ge=1,
-        description="characters per text input, label and rerank query/document (400 past it). CLIP reads at "
-        "most 77 tokens (a few hundred characters), but open_clip tokenizes the whole text first, in time "
-        "quadratic in a word's length: one 1,000-letter word takes ~0.1 s, one of 8,000 ~4 s",
+        default=16_000, ge=1,
+        description="characters per text input, label and rerank query/document (400 past it). A text is embedded "
+        "as open_clip embeds it (its first 77 tokens); tokenizing stops once those are found, and long words are "
+        "merged in O(n log n) (serve_app/tokenizing.py), so a long text costs its cleaning, linear in its length",
     )
     max_request_text_chars: int = Field(
-        default=65_536, ge=1,
+        default=1_000_000, ge=1,
         description="characters of all texts and labels of one request together (ImageNet's 1,000 class names "
-        "are ~15,000); bounds one request's tokenizer time to a few seconds at worst",
+        "are ~15,000); bounds one request's text cleaning to about half a second of a core",
     )
     max_template_chars: int = Field(default=256, ge=3, description="characters per prompt template")
     max_prompts_per_request: int = Field(
         default=100_000, ge=1, description="labels x templates of one /v1/classify request (ImageNet: 80,000)",
+    )
+    max_request_prompt_chars: int = Field(
+        default=6_000_000, ge=1,
+        description="characters of all labels x templates prompts of one /v1/classify request, computed before "
+        "they are built (ImageNet's 80,000 prompts: about 3 million)",
+    )
+    max_response_scores: int = Field(
+        default=262_144, ge=1,
+        description="inputs x (top_k, else labels) scores in one /v1/classify response, checked before scoring",
     )
     max_request_image_pixels: int = Field(
         default=200_000_000, ge=1,

@@ -29,6 +29,7 @@ from serve_app.inputs import check_count, check_request_budget, collect_inputs, 
 from serve_app.modeling import load_model_config
 from serve_app.protocol import (
     ClassifyRequest,
+    configure_list_limits,
     ClassifyResponse,
     EmbeddingRequest,
     EmbeddingResponse,
@@ -39,8 +40,8 @@ from serve_app.protocol import (
     RerankRequest,
     RerankResponse,
 )
-from serve_app.serving import ClipService, ServedModel, check_dimensions, embedding_response
-from serve_app.zero_shot import check_labels, check_prompt_count, resolve_templates
+from serve_app.serving import ClipService, ServedModel, check_dimensions, embedding_response, off_loop
+from serve_app.zero_shot import check_labels, check_prompt_chars, check_prompt_count, check_scores, resolve_templates
 
 logger = logging.getLogger("ray.serve")
 
@@ -62,6 +63,10 @@ def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None
     # ASCII-escaped: an error that quotes a client's string stays valid UTF-8 even if the string was not.
     body = json.dumps(payload, ensure_ascii=True, separators=(",", ":"))
     return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _embedding_json(model: ServedModel, embedded: Any, encoding_format: str) -> Response:
+    return _json(embedding_response(model, embedded, encoding_format))
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -121,13 +126,14 @@ class _Guard:
     max_body_bytes: int = RequestLimits().max_body_bytes
     body_read_timeout_s: float = RequestLimits().body_read_timeout_s
     request_timeout_s: float | None = None  # the server's deadline per request
+    max_json_values: int = RequestLimits().max_json_values
 
 
 GUARD = _Guard()
 
 
 def configure_guard(api_keys: tuple[bytes, ...], max_body_bytes: int, body_read_timeout_s: float,
-                    request_timeout_s: float | None = None) -> None:
+                    request_timeout_s: float | None = None, max_json_values: int | None = None) -> None:
     """Sets this process's GUARD. Called from the replica's constructor through this module-level function:
     Ray Serve pickles the deployment class by value, so a constructor that named GUARD itself would set a
     copy, not the one `EveryRequest` reads."""
@@ -135,6 +141,8 @@ def configure_guard(api_keys: tuple[bytes, ...], max_body_bytes: int, body_read_
     GUARD.max_body_bytes = max_body_bytes
     GUARD.body_read_timeout_s = body_read_timeout_s
     GUARD.request_timeout_s = request_timeout_s
+    if max_json_values is not None:
+        GUARD.max_json_values = max_json_values
 
 
 def _refuse(scope: Any, receive: Any, send: Any, status: int, message: str, error_type: str = "invalid_request_error",
@@ -148,15 +156,20 @@ def _route_path(scope: Any) -> str:
     return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
-def _body_cap(receive: Any, limit: int, timeout_s: float) -> Any:
+def _body_cap(receive: Any, limit: int, timeout_s: float, max_json_values: int) -> Any:
     """`receive` that counts body bytes and fails once they pass `limit` (a chunked body has no length), or
-    once the body has taken longer than `timeout_s` from the request's start to arrive (a trickling client)."""
+    once the body has taken longer than `timeout_s` from the request's start to arrive (a trickling client).
+
+    It also counts the body's commas, braces and brackets as they arrive, an upper bound of the number of JSON
+    values it holds (strings' own commas count too): parsing costs time and memory per value (`[{},{},...]`
+    in 32 MiB is ten million dicts), so a body with too many is refused before it is parsed."""
     seen = 0
+    values = 0
     deadline = time.monotonic() + timeout_s
     done = False
 
     async def capped() -> dict:
-        nonlocal seen, done
+        nonlocal seen, done, values
         if done:  # after the body only a disconnect can come: no deadline on waiting for it
             return await receive()
         try:
@@ -165,9 +178,16 @@ def _body_cap(receive: Any, limit: int, timeout_s: float) -> Any:
             raise RequestTimeout(f"the request body did not arrive within {timeout_s:g}s") from None
         if message["type"] == "http.request":
             done = not message.get("more_body", False)
-            seen += len(message.get("body", b""))
+            chunk = message.get("body", b"")
+            seen += len(chunk)
             if seen > limit:
                 raise PayloadTooLarge(f"request body is larger than the {limit} byte limit")
+            values += chunk.count(b",") + chunk.count(b"{") + chunk.count(b"[")
+            if values > max_json_values:
+                raise PayloadTooLarge(
+                    f"request body holds more than {max_json_values} JSON values (commas, braces and brackets "
+                    "counted); send fewer items per request"
+                )
         return message
 
     return capped
@@ -229,7 +249,7 @@ class EveryRequest:
                     await _refuse(scope, receive, send, 413,
                                   f"request body is {int(length)} bytes; the limit is {GUARD.max_body_bytes}")
                     return
-            body = _body_cap(receive, GUARD.max_body_bytes, GUARD.body_read_timeout_s)
+            body = _body_cap(receive, GUARD.max_body_bytes, GUARD.body_read_timeout_s, GUARD.max_json_values)
             await self._bounded(scope, body, send_and_watch)
         except Exception as exc:  # the one error mapper
             request_id = headers.get("x-request-id") or uuid.uuid4().hex
@@ -304,7 +324,9 @@ class OpenAIIngress:
         self._limits = limits or RequestLimits()
         self._url_policy = image_url_policy
         keys = resolve_api_keys(api_keys, api_keys_file)
-        configure_guard(keys, self._limits.max_body_bytes, self._limits.body_read_timeout_s, request_timeout_s)
+        configure_guard(keys, self._limits.max_body_bytes, self._limits.body_read_timeout_s, request_timeout_s,
+                        self._limits.max_json_values)
+        configure_list_limits(max_inputs_per_request, zero_shot.max_labels, zero_shot.max_templates)
         logger.info("API keys: %d configured", len(keys))  # the count, never a key
         _warn_if_open(keys)
         self._in_process: list[Any] = []
@@ -350,7 +372,7 @@ class OpenAIIngress:
         inputs = collect_inputs(request, self._max_inputs, self._url_policy)
         check_request_budget(inputs, self._limits)
         embedded = await self._service.embed(model, inputs)
-        return _json(embedding_response(model, embedded, request.encoding_format))
+        return await off_loop(embedded.vectors.size, _embedding_json, model, embedded, request.encoding_format)
 
     @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES)
     async def classify(self, request: ClassifyRequest) -> Response:
@@ -361,10 +383,12 @@ class OpenAIIngress:
         )
         check_labels(request.labels, self._service.zero_shot.max_labels, self._limits.max_text_chars)
         check_prompt_count(len(request.labels), len(templates), self._limits.max_prompts_per_request)
+        check_prompt_chars(request.labels, templates, self._limits.max_request_prompt_chars)
         inputs = collect_inputs(request, self._max_inputs, self._url_policy)
+        check_scores(len(inputs), len(request.labels), request.top_k, self._limits.max_response_scores)
         check_request_budget(inputs, self._limits, extra_text_chars=sum(map(len, request.labels)))
         response = await self._service.classify(model, inputs, request.labels, templates, request.top_k)
-        return _json(response)
+        return await off_loop(len(response.data) * len(response.data[0].predictions), _json, response)
 
     @app.post("/v1/rerank", response_model=RerankResponse, responses=ERROR_RESPONSES)
     async def rerank(self, request: RerankRequest) -> Response:

@@ -8,13 +8,15 @@ from typing import Protocol
 
 from serve_app.config import ImageURLPolicy, RequestLimits
 from serve_app.errors import InvalidRequest, PayloadTooLarge
-from serve_app.protocol import (
+from serve_app.protocol import (  # noqa: F401  (check_count, TOKEN_IDS_MESSAGE: used by importers)
+    TOKEN_IDS_MESSAGE,
     ChatMessage,
     ImagePart,
     InputItem,
     JinaImage,
     JinaText,
     TextPart,
+    check_count,
 )
 
 
@@ -41,10 +43,6 @@ Input = TextInput | ImageInput
 
 MAX_URL_CHARS = 4096
 
-TOKEN_IDS_MESSAGE = (
-    "token-id arrays are not supported: this server embeds text and images, so send text as strings "
-    "(CLIP tokenizes them itself)"
-)
 
 
 def is_url(value: str) -> bool:
@@ -139,21 +137,11 @@ def collect_inputs(request: HasInputs, max_inputs: int, url_policy: ImageURLPoli
     return inputs
 
 
-def check_count(count: int, max_inputs: int, param: str) -> None:
-    """A list field must be non-empty and within its per-request cap."""
-    if count == 0:
-        raise InvalidRequest(f"`{param}` must contain at least one item", param=param)
-    if count > max_inputs:
-        raise InvalidRequest(
-            f"`{param}` has {count} items; this server accepts at most {max_inputs} per request", param=param
-        )
-
-
 def check_request_budget(inputs: list[Input], limits: RequestLimits, extra_text_chars: int = 0) -> None:
     """Characters per text and per request, and inline image bytes per request, before any work is sent.
 
-    A text's characters bound the tokenizer's work: open_clip tokenizes a whole text before cutting it to
-    77 tokens, and one long word costs time quadratic in its length. Inline images' bytes are estimated
+    A text's characters bound the tokenizer's work (its cleaning is linear in them; serve_app/tokenizing.py
+    stops at the model's context). Inline images' bytes are estimated
     from their base64 length (3/4 of it); fetched images are counted as they stream in the preprocessor.
     """
     text_chars = extra_text_chars
@@ -163,7 +151,7 @@ def check_request_budget(inputs: list[Input], limits: RequestLimits, extra_text_
             if len(item.text) > limits.max_text_chars:
                 raise InvalidRequest(
                     f"text has {len(item.text)} characters; the limit is {limits.max_text_chars} (CLIP reads "
-                    "only its first 77 tokens, a few hundred characters)",
+                    "only a text's first 77 tokens)",
                     param=item.param,
                 )
             text_chars += len(item.text)

@@ -99,9 +99,12 @@ def image_pipeline(config: ModelConfig) -> ImagePipeline:
 
 
 def get_tokenizer(model: str) -> Callable[..., "torch.Tensor"]:
+    """open_clip's tokenizer for `model`, with bounded work and memory per text (serve_app/tokenizing.py)."""
     import open_clip
 
-    return open_clip.get_tokenizer(model)
+    from serve_app.tokenizing import BoundedTokenizer
+
+    return BoundedTokenizer(open_clip.get_tokenizer(model))
 
 
 def resolve_device(requested: str) -> str:

@@ -6,9 +6,16 @@ Fields that OpenAI does not define (the dialects CLIP users already send) sit be
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import (
+    BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidatorFunctionWrapHandler, WrapValidator,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from serve_app.errors import InvalidRequest
 
 
 def _valid_unicode(value: Any) -> Any:
@@ -25,6 +32,80 @@ def _valid_unicode(value: Any) -> Any:
             if isinstance(item, (str, list)):
                 _valid_unicode(item)
     return value
+
+
+@dataclass
+class ListLimits:
+    """Items per list field of a request, checked on the raw JSON list before any item is validated: a list
+    of items that each fail every branch of a union costs one error per branch, so its length is what
+    bounds validation time and memory. Set by the ingress replica from its config (`configure_list_limits`)."""
+
+    inputs: int = 2048  # `input`, `messages` (all their content parts together) and `documents`
+    labels: int = 4096
+    templates: int = 128
+
+
+LIST_LIMITS = ListLimits()
+# A long list is validated in slices of this many items, and stops at the first slice with a bad item.
+VALIDATION_SLICE = 64
+MAX_REPORTED_ERRORS = 8
+
+
+def configure_list_limits(inputs: int, labels: int, templates: int) -> None:
+    """Sets this process's LIST_LIMITS (module-level, as ingress.configure_guard, for the same reason)."""
+    LIST_LIMITS.inputs, LIST_LIMITS.labels, LIST_LIMITS.templates = inputs, labels, templates
+
+
+def check_count(count: int, max_items: int, param: str) -> None:
+    """A list field must be non-empty and within its per-request cap."""
+    if count == 0:
+        raise InvalidRequest(f"`{param}` must contain at least one item", param=param)
+    if count > max_items:
+        raise InvalidRequest(
+            f"`{param}` has {count} items; this server accepts at most {max_items} per request", param=param
+        )
+
+
+def _validate_in_slices(value: list, handler: ValidatorFunctionWrapHandler) -> list:
+    """Validates a long list slice by slice and stops at the first slice that fails, reporting at most
+    MAX_REPORTED_ERRORS errors with their positions in the whole list."""
+    if len(value) <= VALIDATION_SLICE:
+        return handler(value)
+    result: list = []
+    for start in range(0, len(value), VALIDATION_SLICE):
+        try:
+            result.extend(handler(value[start : start + VALIDATION_SLICE]))
+        except ValidationError as exc:
+            errors = [
+                {"type": PydanticCustomError(e["type"], e["msg"]), "loc": (e["loc"][0] + start, *e["loc"][1:]),
+                 "input": e["input"]}
+                for e in exc.errors(include_url=False)[:MAX_REPORTED_ERRORS]
+            ]
+            raise ValidationError.from_exception_data(exc.title, errors) from None
+    return result
+
+
+def bounded_list(field: str, limit: str) -> WrapValidator:
+    """A list field whose length is checked against `LIST_LIMITS.<limit>` before its items are validated."""
+
+    def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if not isinstance(value, list):
+            return handler(value)
+        check_count(len(value), getattr(LIST_LIMITS, limit), field)
+        return _validate_in_slices(value, handler)
+
+    return WrapValidator(check)
+
+
+def _bounded_messages(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """`messages`: the messages and all their content parts together count against the inputs' cap."""
+    if not isinstance(value, list):
+        return handler(value)
+    check_count(len(value), LIST_LIMITS.inputs, "messages")
+    parts = sum(len(m["content"]) if isinstance(m, dict) and isinstance(m.get("content"), list) else 1
+                for m in value)
+    check_count(parts, LIST_LIMITS.inputs, "messages")
+    return _validate_in_slices(value, handler)
 
 
 class WireModel(BaseModel):
@@ -110,8 +191,21 @@ InputObject = Annotated[
     ),
 ]
 
+TOKEN_IDS_MESSAGE = (
+    "token-id arrays are not supported: this server embeds text and images, so send text as strings "
+    "(CLIP tokenizes them itself)"
+)
+
+
+def _refuse_token_ids(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """A list of token ids is refused as it is found, without validating its (possibly millions of) items."""
+    if isinstance(value, list):
+        raise InvalidRequest(TOKEN_IDS_MESSAGE, param="input")
+    return handler(value)
+
+
 # Token ids are accepted on the wire only so that they get a clear error, not a generic type error.
-InputItem = Union[str, InputObject, int, list[int]]
+InputItem = Union[str, InputObject, int, Annotated[list[int], WrapValidator(_refuse_token_ids)]]
 
 
 class ChatMessage(WireModel):
@@ -124,8 +218,12 @@ class ChatMessage(WireModel):
 # ---------------------------------------------------------------- /v1/embeddings
 
 
+InputList = Annotated[list[InputItem], bounded_list("input", "inputs")]
+Messages = Annotated[list[ChatMessage], WrapValidator(_bounded_messages)]
+
+
 class EmbeddingRequest(WireModel):
-    input: str | list[InputItem] | None = None
+    input: str | InputList | None = None
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
@@ -134,7 +232,7 @@ class EmbeddingRequest(WireModel):
     modality: Literal["text", "image"] | None = Field(
         default=None, description="infinity's dialect: with 'image', plain strings are images."
     )
-    messages: list[ChatMessage] | None = Field(
+    messages: Messages | None = Field(
         default=None, description="vLLM's dialect: chat-style content parts instead of `input`."
     )
 
@@ -166,11 +264,16 @@ class EmbeddingResponse(BaseModel):
 # ---------------------------------------------------------------- /v1/classify (zero-shot)
 
 
+TemplateList = Annotated[list[str], bounded_list("prompt_templates", "templates")]
+
+
 class ClassifyRequest(WireModel):
     model: str | None = None
-    input: str | list[InputItem] | None = None
-    labels: list[str] = Field(description="class names; each becomes one classifier vector")
-    prompt_templates: list[str] | Literal["imagenet"] | None = Field(
+    input: str | InputList | None = None
+    labels: Annotated[list[str], bounded_list("labels", "labels")] = Field(
+        description="class names; each becomes one classifier vector"
+    )
+    prompt_templates: TemplateList | Literal["imagenet"] | None = Field(
         default=None,
         description="strings containing '{}' (default: 'a photo of a {}.'), or 'imagenet' for open_clip's "
         "80 OpenAI ImageNet templates",
@@ -178,7 +281,7 @@ class ClassifyRequest(WireModel):
     top_k: int | None = Field(default=None, ge=1)
     # --- extensions ---
     modality: Literal["text", "image"] | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Messages | None = None
 
 
 class LabelScore(BaseModel):
@@ -211,7 +314,7 @@ RerankItem = Union[str, InputObject]
 class RerankRequest(WireModel):
     model: str | None = None
     query: RerankItem
-    documents: list[RerankItem]
+    documents: Annotated[list[RerankItem], bounded_list("documents", "inputs")]
     top_n: int | None = Field(default=None, ge=1)
     return_documents: bool = False
 

@@ -189,16 +189,10 @@ class ClipService:
         (classifiers, label_tokens), embedded, scale = await asyncio.gather(
             self.classifiers(model, labels, templates), self.embed(model, inputs), self.logit_scale(model)
         )
-        scores = zero_shot_scores(embedded.vectors, classifiers, scale)
-        keep = min(top_k or len(labels), len(labels))
-        data = []
-        for i, row in enumerate(scores):
-            order = np.argsort(-row, kind="stable")[:keep]
-            predictions = [LabelScore(label=labels[j], score=float(row[j])) for j in order]
-            data.append(Classification(index=i, prediction=predictions[0].label, score=predictions[0].score,
-                                       predictions=predictions))
-        tokens = embedded.prompt_tokens + label_tokens
-        return ClassifyResponse(model=model.name, data=data, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
+        return await off_loop(
+            len(inputs) * min(top_k or len(labels), len(labels)),
+            classification_response, model, embedded, label_tokens, classifiers, scale, labels, top_k,
+        )
 
     async def rerank(
         self, model: ServedModel, query: Input, documents: list[Input], originals: list[Any], top_n: int | None,
@@ -227,6 +221,34 @@ async def _from_pool(response: Any) -> Any:
         if refusal is None:
             raise
         raise refusal from exc
+
+
+# Responses with more values than this are built and serialised in a thread: the event loop answers other
+# requests meanwhile (a 2,048-row embedding of 1,024 floats takes a few hundred milliseconds to write).
+INLINE_RESPONSE_VALUES = 16_384
+
+
+async def off_loop(values: int, build: Any, *args: Any) -> Any:
+    """`build(*args)` on the event loop when the response holds few `values`, else in a worker thread."""
+    if values <= INLINE_RESPONSE_VALUES:
+        return build(*args)
+    return await asyncio.to_thread(build, *args)
+
+
+def classification_response(
+    model: ServedModel, embedded: Embedded, label_tokens: int, classifiers: np.ndarray, scale: float,
+    labels: list[str], top_k: int | None,
+) -> ClassifyResponse:
+    scores = zero_shot_scores(embedded.vectors, classifiers, scale)
+    keep = min(top_k or len(labels), len(labels))
+    data = []
+    for i, row in enumerate(scores):
+        order = np.argsort(-row, kind="stable")[:keep]
+        predictions = [LabelScore(label=labels[j], score=float(row[j])) for j in order]
+        data.append(Classification(index=i, prediction=predictions[0].label, score=predictions[0].score,
+                                   predictions=predictions))
+    tokens = embedded.prompt_tokens + label_tokens
+    return ClassifyResponse(model=model.name, data=data, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
 
 
 def check_dimensions(model: ServedModel, dimensions: int | None) -> None:

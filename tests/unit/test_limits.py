@@ -208,3 +208,72 @@ def test_a_trickling_body_gets_408_after_the_read_timeout(monkeypatch):
 
     status, elapsed = asyncio.run(trickle())
     assert status == 408 and elapsed < 1.0
+
+
+def test_a_body_with_too_many_json_values_is_refused_while_it_arrives(monkeypatch):
+    from serve_app import ingress
+
+    monkeypatch.setattr(ingress.GUARD, "max_body_bytes", 10_000_000)
+    monkeypatch.setattr(ingress.GUARD, "max_json_values", 2000)
+    monkeypatch.setattr(ingress.GUARD, "api_keys", ())
+    many = b'{"input":[' + b",".join([b"{}"] * 5000) + b"]}"
+    status, body, _ = asyncio.run(_call(_reading_app, {"transfer-encoding": "chunked"}, [many[:4000], many[4000:]]))
+    assert status == 413 and "JSON values" in body["error"]["message"]
+    ordinary = json.dumps({"input": ["a, b, c"] * 300}).encode()  # 300 items, 900 counted: well under
+    status, body, _ = asyncio.run(_call(_reading_app, {"transfer-encoding": "chunked"}, [ordinary]))
+    assert status == 200 and body == {"read": len(ordinary)}
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": [{}] * 5000}, "input"),
+    ({"input": ["x"] * 5000}, "input"),
+    ({"messages": [{"content": [{"text": "a"}] * 100}] * 100}, "messages"),
+    ({"input": []}, "input"),
+])
+def test_list_lengths_are_checked_before_any_item_is_validated(body, param, monkeypatch):
+    from serve_app import protocol
+
+    monkeypatch.setattr(protocol.LIST_LIMITS, "inputs", 2048)
+    with pytest.raises(InvalidRequest) as info:
+        EmbeddingRequest.model_validate(body)
+    assert info.value.param == param
+
+
+def test_a_long_list_of_bad_items_stops_at_its_first_bad_slice_and_names_the_item():
+    from pydantic import ValidationError
+
+    from serve_app.ingress import _param_from_loc
+
+    items = ["ok"] * 100 + [{}] * 1900
+    with pytest.raises(ValidationError) as info:
+        EmbeddingRequest.model_validate({"input": items})
+    errors = info.value.errors()
+    assert len(errors) <= 8 + 1  # the slice's first errors (and the `str` branch of `input` itself)
+    deepest = max(errors, key=lambda e: len(e["loc"]))
+    assert _param_from_loc(("body", *deepest["loc"])) == "input[100]"
+
+
+def test_token_id_lists_are_refused_without_reading_their_items():
+    with pytest.raises(InvalidRequest, match="token-id"):
+        EmbeddingRequest.model_validate({"input": ["a", list(range(1_000_000))]})
+
+
+def test_labels_and_templates_are_bounded_by_the_characters_of_their_prompts():
+    from serve_app.zero_shot import check_prompt_chars, prompt_chars
+
+    labels, templates = ["cat", "tabby dog"], ("a photo of a {}.", "{}")
+    assert prompt_chars(labels, templates) == sum(map(len, prompts(labels, templates)))
+    check_prompt_chars(labels, templates, 100)
+    long_templates = tuple("x" * 254 + "{}" for _ in range(128))
+    with pytest.raises(InvalidRequest) as info:
+        check_prompt_chars(["y" * 83] * 781, long_templates, 6_000_000)
+    assert info.value.param == "labels"
+
+
+def test_response_scores_are_bounded_before_scoring():
+    from serve_app.zero_shot import check_scores
+
+    check_scores(2048, 3900, 5, 262_144)
+    with pytest.raises(InvalidRequest) as info:
+        check_scores(2048, 3900, None, 262_144)
+    assert info.value.param == "top_k" and "top_k" in info.value.message

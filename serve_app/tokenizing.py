@@ -1,0 +1,129 @@
+"""open_clip's tokenizer with bounded work and memory per text: the same tokens, at a cost that does not grow
+with what a text holds beyond the model's context.
+
+open_clip's `SimpleTokenizer` encodes a whole text before cutting it to the context (77 tokens), runs its BPE
+in time quadratic in a word's length (one 20,000-letter word: minutes), and keeps every word it has seen in a
+cache that never shrinks. `BoundedTokenizer` keeps open_clip's cleaning, pre-token pattern, vocabulary and
+BPE ranks (the tokenizer's own attributes) and changes only how much of that work is done:
+
+- Encoding stops once the context is full: every pre-token (a word, a digit, a punctuation run) yields at
+  least one BPE token, and tokens past the context are cut by open_clip anyway, so the rest of the text
+  cannot change the result.
+- Short words go through open_clip's own `bpe` and its cache, which is bounded (`BoundedCache`); long words
+  go through `merge_word`, the same merges in the same order in O(n log n), and are not cached.
+
+Other tokenizers (Hugging Face ones, open_clip's reduction masks) are used as they are: their own code
+truncates.
+"""
+
+import heapq
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+# Words of at most this many byte-symbols use open_clip's `bpe` and its cache; longer ones `merge_word`.
+CACHED_WORD_SYMBOLS = 64
+# Words a tokenizer's cache keeps (each at most CACHED_WORD_SYMBOLS symbols, so well under a megabyte in all).
+DEFAULT_CACHE_WORDS = 20_000
+
+
+class BoundedCache(OrderedDict):
+    """open_clip's word cache with a size: the oldest word goes once `capacity` is passed. `pinned` words
+    (the special tokens, which open_clip's `bpe` must find here to leave them whole) are never dropped."""
+
+    def __init__(self, capacity: int, pinned: dict[str, str]) -> None:
+        self.capacity = max(capacity, len(pinned))
+        self.pinned = frozenset(pinned)
+        super().__init__(pinned)
+
+    def __setitem__(self, key: str, value: str) -> None:
+        super().__setitem__(key, value)
+        while len(self) > self.capacity:
+            oldest, word = self.popitem(last=False)
+            if oldest in self.pinned:
+                super().__setitem__(oldest, word)
+
+
+def merge_word(token: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """The BPE symbols of one byte-encoded word, exactly as `SimpleTokenizer.bpe` computes them.
+
+    `bpe` repeatedly takes the lowest-ranked adjacent pair and merges all its occurrences left to right.
+    A heap ordered by (rank, position) pops the same merges in the same order: a merge (a, b) only creates
+    pairs with the new symbol `ab`, and every merge rule that uses `ab` was learned after it (a higher rank),
+    so all occurrences of the lowest pair are merged, leftmost first, before any pair they create. A heap
+    entry is stale once either of its symbols has changed (symbols only grow, so equal means unchanged).
+    """
+    symbols: list[str | None] = [*token[:-1], token[-1] + "</w>"]
+    count = len(symbols)
+    following = list(range(1, count + 1))
+    following[-1] = -1
+    preceding = list(range(-1, count - 1))
+    heap = [
+        (ranks[pair], i, *pair)
+        for i, pair in enumerate(zip(symbols, symbols[1:]))
+        if pair in ranks
+    ]
+    heapq.heapify(heap)
+    while heap:
+        _, i, left, right = heapq.heappop(heap)
+        j = following[i]
+        if j < 0 or symbols[i] != left or symbols[j] != right:
+            continue
+        merged = left + right
+        symbols[i], symbols[j] = merged, None
+        after = following[j]
+        following[i] = after
+        if after >= 0:
+            preceding[after] = i
+            rank = ranks.get((merged, symbols[after]))
+            if rank is not None:
+                heapq.heappush(heap, (rank, i, merged, symbols[after]))
+        before = preceding[i]
+        if before >= 0:
+            rank = ranks.get((symbols[before], merged))
+            if rank is not None:
+                heapq.heappush(heap, (rank, before, symbols[before], merged))
+    return [s for s in symbols if s is not None]
+
+
+class BoundedTokenizer:
+    """Callable as open_clip's tokenizer (`tokenizer(texts) -> (N, context_length) int64`), same tokens."""
+
+    def __init__(self, tokenizer: Any, cache_words: int = DEFAULT_CACHE_WORDS) -> None:
+        self.inner = tokenizer
+        self.context_length = tokenizer.context_length
+        self.bounded = _is_simple_tokenizer(tokenizer)
+        if self.bounded:
+            specials = {k: v for k, v in tokenizer.cache.items() if k == v}
+            tokenizer.cache = BoundedCache(cache_words, specials)
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        if not self.bounded:
+            return self.inner(texts)
+        if isinstance(texts, str):
+            texts = [texts]
+        tok = self.inner
+        result = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            tokens = [tok.sot_token_id, *self.encode(text, self.context_length - 2), tok.eot_token_id]
+            result[row, : len(tokens)] = torch.tensor(tokens)
+        return result
+
+    def encode(self, text: str, max_tokens: int) -> list[int]:
+        """The first `max_tokens` tokens of `tok.encode(text)`, encoding no more of the text than that needs."""
+        tok = self.inner
+        tokens: list[int] = []
+        for match in tok.pat.finditer(tok.clean_fn(text)):
+            word = "".join(tok.byte_encoder[b] for b in match.group().encode("utf-8"))
+            pieces = tok.bpe(word).split(" ") if len(word) <= CACHED_WORD_SYMBOLS else merge_word(word, tok.bpe_ranks)
+            tokens.extend(tok.encoder[piece] for piece in pieces)
+            if len(tokens) >= max_tokens:
+                return tokens[:max_tokens]
+        return tokens
+
+
+def _is_simple_tokenizer(tokenizer: Any) -> bool:
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return isinstance(tokenizer, SimpleTokenizer) and tokenizer.reduction_fn is None

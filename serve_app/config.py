@@ -244,6 +244,11 @@ class ModelSpec(StrictModel):
 class ImageLimits(StrictModel):
     max_image_pixels: int = Field(default=50_000_000, ge=1, description="width*height cap, checked before decoding")
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="encoded size cap per image")
+    max_jpeg_scans: int = Field(
+        default=64, ge=1,
+        description="scans of one JPEG, counted from its segments before decoding: each costs a pass over the "
+        "whole image (a progressive JPEG has about 10; a crafted one repeats a scan thousands of times)",
+    )
 
 
 class ZeroShotSettings(StrictModel):
@@ -308,6 +313,12 @@ class RequestLimits(StrictModel):
     url_connect_timeout_s: float = Field(default=5.0, gt=0, description="image URLs: resolving and connecting")
     url_total_timeout_s: float = Field(default=20.0, gt=0, description="image URLs: one fetch, redirects included")
     url_max_redirects: int = Field(default=3, ge=0, le=10, description="image URLs: redirects followed")
+    url_fetches_per_request: int = Field(
+        default=8, ge=1, description="image URLs: fetches of one request at a time (the rest wait their turn)"
+    )
+    url_fetches_per_replica: int = Field(
+        default=64, ge=1, description="image URLs: fetches of one preprocessing replica at a time, all requests"
+    )
 
 
 ImageURLPolicy = Literal["off", "public"] | list[str]

@@ -39,6 +39,8 @@ def refused_address(address: Address) -> str | None:
             return "an IPv4-mapped IPv6 address"
         if address.sixtofour is not None or address.teredo is not None:
             return "an IPv6 address that embeds an IPv4 one"
+    if isinstance(address, ipaddress.IPv6Address) and address.is_site_local:  # fec0::/10, deprecated, not global
+        return "a site-local address"
     checks = (
         ("loopback", address.is_loopback), ("private", address.is_private), ("link-local", address.is_link_local),
         ("multicast", address.is_multicast), ("reserved", address.is_reserved),
@@ -144,17 +146,19 @@ class ImageFetcher:
         port = port or (443 if parts.scheme.lower() == "https" else 80)
         if isinstance(self.policy, list) and not host_allowed(self.policy, host, port):
             raise InvalidRequest(f"image URL host {host!r} is not on this server's allow-list", param=param)
+        # One answer for a host that does not resolve and one that resolves to a refused address: which of the
+        # two it was would tell a client about internal names.
+        refused = InvalidRequest(
+            f"image URL host {host!r} does not resolve to an address this server fetches from", param=param
+        )
         try:
             addresses = await asyncio.wait_for(resolve(host, port), self.limits.url_connect_timeout_s)
         except (OSError, asyncio.TimeoutError, UnicodeError, ValueError):
-            raise InvalidRequest(f"image URL host {host!r} does not resolve", param=param) from None
+            raise refused from None
         if not addresses:
-            raise InvalidRequest(f"image URL host {host!r} does not resolve", param=param)
-        if self.policy == "public":
-            for address in addresses:
-                reason = refused_address(address)
-                if reason:
-                    raise InvalidRequest(f"image URL host {host!r} resolves to {reason}; refused", param=param)
+            raise refused
+        if self.policy == "public" and any(refused_address(address) for address in addresses):
+            raise refused
         return host, port, str(addresses[0])
 
     async def _get(

@@ -63,6 +63,49 @@ def _decode_lenient_base64(data: str, param: str) -> bytes:
         raise InvalidRequest("image is not valid base64", param=param) from None
 
 
+# After a scan's header, its entropy-coded data runs to the next marker: 0xFF followed by anything but a stuffed
+# zero or a restart marker (RST0-7), which belong to the data.
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+# Markers without a length field: TEM, RST0-7, SOI, EOI.
+_STANDALONE = {0x01, *range(0xD0, 0xD8), 0xD8, 0xD9}
+
+
+def jpeg_scans(raw: bytes) -> int:
+    """Scans (SOS segments) of a JPEG's first image, counted by walking its segments; nothing is decoded.
+
+    Decoding costs time per scan over the whole image: a progressive JPEG has about ten, and a crafted one
+    repeats a refinement scan thousands of times in a few kilobytes. Segments are skipped by their lengths
+    (an EXIF thumbnail's own scans are not counted); the count ends at the first EOI or where the data does.
+    """
+    scans, pos, end = 0, 2, len(raw)
+    while pos + 1 < end:
+        if raw[pos] != 0xFF:  # not at a marker: resynchronise at the next one
+            found = _NEXT_MARKER.search(raw, pos)
+            if found is None:
+                break
+            pos = found.start()
+        while pos < end and raw[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= end:
+            break
+        marker = raw[pos]
+        pos += 1
+        if marker == 0xD9:
+            break
+        if marker in _STANDALONE:
+            continue
+        if pos + 2 > end:
+            break
+        pos += (raw[pos] << 8) | raw[pos + 1]
+        if marker == 0xDA:
+            scans += 1
+            found = _NEXT_MARKER.search(raw, pos)
+            if found is None:
+                break
+            pos = found.start()
+    return scans
+
+
 def draft_scale(width: int, height: int, min_side: int) -> int:
     """The largest libjpeg scale-down (8, 4, 2, else 1) that keeps both sides at least `min_side` and divides
     both exactly. Exactly: a side that is not a multiple of the scale decodes to a partial last pixel, and the
@@ -99,6 +142,13 @@ def probe_image(raw: bytes, param: str, limits: ImageLimits) -> Image.Image:
     width, height = image.size
     if width <= 0 or height <= 0:
         raise InvalidRequest("image has no pixels", param=param)
+    if image.format in DRAFT_FORMATS:
+        scans = jpeg_scans(raw)
+        if scans > limits.max_jpeg_scans:
+            raise InvalidRequest(
+                f"JPEG has {scans} scans; the limit is {limits.max_jpeg_scans} (a progressive JPEG has about 10)",
+                param=param,
+            )
     if width * height > limits.max_image_pixels:
         raise PayloadTooLarge(
             f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_image_pixels}",

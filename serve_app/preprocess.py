@@ -60,6 +60,22 @@ def decode_threads(num_cpus: float | None) -> int:
     return max(1, math.ceil(num_cpus))
 
 
+async def all_or_nothing(jobs: list[Any]) -> list[Any]:
+    """The results of `jobs` run concurrently; at the first failure the others are cancelled and awaited before
+    it is raised (asyncio.gather would leave them running), as they are when the caller is cancelled."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:  # the first failure by position
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()
+    return [task.result() for task in tasks]
+
+
 def stack_pixels(pixels: list[np.ndarray]) -> torch.Tensor:
     """(N, 3, H, W) uint8. Stacked by numpy, not torch: a torch copy this size would start an OpenMP team in
     the calling thread (see ClipEncoder.__init__)."""
@@ -124,6 +140,7 @@ class Preprocessor:
         Image.MAX_IMAGE_PIXELS = limits.max_image_pixels  # Pillow's own guard agrees with ours
         self._limits = request_limits or RequestLimits()
         self._fetcher = ImageFetcher(url_policy, self._limits, limits.max_image_bytes)
+        self._fetch_slots = asyncio.Semaphore(self._limits.url_fetches_per_replica)
         torch.set_num_threads(1)
         self._models = {spec.name: ModelPreprocessing(spec, limits) for spec in models}
         # Decoding releases the GIL in Pillow; the pool keeps the event loop free for new requests and runs a
@@ -178,7 +195,13 @@ class Preprocessor:
         fetched_at = set(urls)
         inline = sum(len(d) * 3 // 4 for i, d in enumerate(data) if i not in fetched_at)
         budget = Budget(int(self._limits.max_request_image_bytes * share) - inline, params[0].split("[", 1)[0])
-        fetched = await asyncio.gather(*(self._fetcher.fetch(data[i], params[i], budget) for i in urls))
+        per_request = asyncio.Semaphore(self._limits.url_fetches_per_request)
+
+        async def fetch(i: int) -> bytes:
+            async with per_request, self._fetch_slots:
+                return await self._fetcher.fetch(data[i], params[i], budget)
+
+        fetched = await all_or_nothing([fetch(i) for i in urls])
         items: list[str | bytes] = list(data)
         for i, raw in zip(urls, fetched):
             if not raw:

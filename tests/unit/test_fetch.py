@@ -127,12 +127,50 @@ def test_total_timeout(image_server):
 @pytest.mark.parametrize("host", [
     "127.0.0.1", "2130706433", "0x7f000001", "0177.0.0.1", "0x7f.1", "127.1", "[::1]", "[::ffff:127.0.0.1]",
     "10.0.0.1", "192.168.1.1", "172.16.0.1", "169.254.169.254", "0.0.0.0", "224.0.0.1", "240.0.0.1",
-    "100.64.0.1", "[fe80::1]", "[fc00::1]",
+    "100.64.0.1", "[fe80::1]", "[fc00::1]", "[fec0::1]",
 ])
 def test_public_policy_refuses_every_spelling_of_non_public_addresses(image_server, host):
-    with pytest.raises(InvalidRequest, match="refused|resolve") as info:
+    with pytest.raises(InvalidRequest) as info:
         fetch("public", f"http://{host}:{image_server}/img.png")
     assert info.value.param == "input[0]"
+    # the same words as for a name that does not resolve: no oracle for internal names and addresses
+    assert info.value.message == REFUSED.format(host=host.strip("[]"))
+
+
+REFUSED = "image URL host {host!r} does not resolve to an address this server fetches from"
+
+
+def test_a_name_that_does_not_resolve_gets_the_same_answer_as_a_refused_address():
+    with pytest.raises(InvalidRequest) as info:
+        fetch("public", "http://no-such-host.invalid/img.png")
+    assert info.value.message == REFUSED.format(host="no-such-host.invalid")
+
+
+def test_when_one_fetch_fails_the_others_of_its_request_are_cancelled():
+    from serve_app.preprocess import all_or_nothing
+
+    async def scenario():
+        finished, cancelled = [], []
+
+        async def slow(i):
+            try:
+                await asyncio.sleep(5)
+                finished.append(i)
+            except asyncio.CancelledError:
+                cancelled.append(i)
+                raise
+
+        async def bad():
+            await asyncio.sleep(0.05)
+            raise InvalidRequest("image URL answered HTTP 404", param="input[1]")
+
+        start = time.monotonic()
+        with pytest.raises(InvalidRequest, match="404"):
+            await all_or_nothing([slow(0), bad(), slow(2)])
+        return time.monotonic() - start, finished, cancelled
+
+    elapsed, finished, cancelled = asyncio.run(scenario())
+    assert elapsed < 1 and finished == [] and sorted(cancelled) == [0, 2]
 
 
 @pytest.mark.parametrize("url, words", [

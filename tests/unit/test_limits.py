@@ -277,3 +277,29 @@ def test_response_scores_are_bounded_before_scoring():
     with pytest.raises(InvalidRequest) as info:
         check_scores(2048, 3900, None, 262_144)
     assert info.value.param == "top_k" and "top_k" in info.value.message
+
+
+def scan_bomb(repeats: int, size: int = 256) -> bytes:
+    """A progressive JPEG of plain grey whose last refinement scan is repeated: a few kilobytes that cost a pass
+    over the whole image per repeat."""
+    raw = encode(Image.new("RGB", (size, size), (128, 128, 128)), "JPEG", quality=90, progressive=True)
+    last_scan = raw[raw.rfind(b"\xff\xda"):-2]
+    return raw[:-2] + last_scan * repeats + b"\xff\xd9"
+
+
+def test_jpeg_scans_are_counted_from_segments_and_bounded_before_decoding():
+    from serve_app.imaging import jpeg_scans
+
+    image = random_image(96, 64, seed=4)
+    assert jpeg_scans(encode(image, "JPEG", quality=90)) == 1
+    assert jpeg_scans(encode(image, "JPEG", quality=90, progressive=True, optimize=True)) == 10
+    thumbnail = encode(image, "JPEG", quality=90)  # an APP segment holding a whole JPEG: its scan is not ours
+    app1 = b"\xff\xe1" + (len(thumbnail) + 2).to_bytes(2, "big") + thumbnail
+    with_app = encode(image, "JPEG", quality=90, progressive=True, extra=app1)
+    assert jpeg_scans(with_app) == 10
+    bomb = scan_bomb(2000)
+    assert len(bomb) < 100_000 and jpeg_scans(bomb) == 2010
+    with pytest.raises(InvalidRequest, match="scans") as info:
+        probe_image(bomb, "input[2]", ImageLimits())
+    assert info.value.param == "input[2]"
+    probe_image(scan_bomb(50), "input[0]", ImageLimits())  # 60 scans: within the default of 64

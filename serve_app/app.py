@@ -24,7 +24,7 @@ def build_app(args: AppArgs) -> Application:
         (spec,) = specs
         return OpenAIIngress.options(user_config=spec.batching.model_dump(), **spec.encoder_options).bind(
             None, None, [_constructor_spec(spec)], args.max_inputs_per_request, args.zero_shot, args.image_limits,
-            **_hardening(args),
+            **_hardening(args, spec.encoder.max_ongoing_requests),
         )
     encoders: dict[str, Any] = {}
     for spec in specs:
@@ -37,14 +37,27 @@ def build_app(args: AppArgs) -> Application:
         specs, args.image_limits, args.limits, args.image_url_policy, args.preprocessor.num_cpus
     )
     return OpenAIIngress.options(**args.ingress.deployment_options()).bind(
-        preprocessor, encoders, specs, args.max_inputs_per_request, args.zero_shot, None, **_hardening(args)
+        preprocessor, encoders, specs, args.max_inputs_per_request, args.zero_shot, None,
+        **_hardening(args, args.ingress.max_ongoing_requests),
     )
 
 
-def _hardening(args: AppArgs) -> dict[str, Any]:
-    """The ingress's deadline, request limits, API key sources and image URL policy (keys are resolved in the
-    replica)."""
+# Ray's own default of max_ongoing_requests, for a pool that does not set it.
+RAY_MAX_ONGOING_REQUESTS = 5
+
+
+def _hardening(args: AppArgs, ingress_max_ongoing: int | None) -> dict[str, Any]:
+    """The ingress's deadline, request limits, admission bound, API key sources and image URL policy (keys
+    are resolved in the replica).
+
+    Admission: an ingress replica answers 429 in OpenAI's shape once `limits.max_requests_in_flight` requests
+    are in it, by default 3/4 of its `max_ongoing_requests`, so that Ray's own queue bound (which answers in
+    plain text) stays a backstop that quick refusals keep from filling."""
+    in_flight = args.limits.max_requests_in_flight
+    if in_flight is None:
+        in_flight = max(1, (ingress_max_ongoing or RAY_MAX_ONGOING_REQUESTS) * 3 // 4)
     return {
+        "max_requests_in_flight": in_flight,
         "request_timeout_s": args.request_timeout_s,
         "limits": args.limits,
         "api_keys": args.api_keys,

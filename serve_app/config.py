@@ -156,8 +156,17 @@ def merge_pool(pool: str, user: Any) -> Any:
 
 def _merge_autoscaling(pool: str, user: dict[str, Any]) -> dict[str, Any]:
     defaults = AUTOSCALING_DEFAULTS[pool]
-    merged = {**defaults, **user}
     policy = user.get("policy")
+    replaces_policy = isinstance(policy, dict) and "policy_function" in policy
+    if "policy" in defaults and "target_ongoing_requests" in user and not replaces_policy:
+        # The queue-depth policy never reads it: a setting that would be silently ignored is refused.
+        raise ValueError(
+            f"{pool}.autoscaling_config.target_ongoing_requests is not read by this pool's queue-depth policy "
+            f"({QUEUE_DEPTH_POLICY}); tune it with autoscaling_config.policy.policy_kwargs.target_fill (rows "
+            "waiting per replica, in full batches) and .hysteresis, or set autoscaling_config.policy.policy_function "
+            "to ray.serve.autoscaling_policy:default_autoscaling_policy to scale on request counts"
+        )
+    merged = {**defaults, **user}
     if "policy" in defaults and isinstance(policy, dict) and "policy_function" not in policy:
         default_policy = defaults["policy"]
         merged["policy"] = {
@@ -273,6 +282,12 @@ class RequestLimits(StrictModel):
         description="commas, braces and brackets of one request body, counted as it arrives (an upper bound of "
         "its JSON values, checked before parsing): ordinary requests hold a few per item, and every character of "
         "their texts counts at most once",
+    )
+    max_requests_in_flight: int | None = Field(
+        default=None, ge=1,
+        description="requests one ingress replica works on at once; past it a request gets 429 in OpenAI's shape "
+        "with Retry-After at once (null: 3/4 of the ingress pool's max_ongoing_requests, so that Ray's own "
+        "queue bound, which answers in plain text, is only a backstop)",
     )
     body_read_timeout_s: float = Field(
         default=30.0, gt=0,

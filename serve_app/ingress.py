@@ -22,7 +22,7 @@ from serve_app import metrics
 from serve_app.auth import OPEN_ROUTES, bearer_token, key_matches, open_network_warning, resolve_api_keys
 from serve_app.config import ImageLimits, ImageURLPolicy, ModelSpec, RequestLimits, ZeroShotSettings
 from serve_app.errors import (
-    DeadlineExceeded, PayloadTooLarge, RequestTimeout, error_body, error_payload, find_app_error,
+    RETRY_AFTER_S, DeadlineExceeded, PayloadTooLarge, RequestTimeout, error_body, error_payload, find_app_error,
 )
 from serve_app.in_process import in_process_pools
 from serve_app.inputs import check_count, check_request_budget, collect_inputs, input_from_item
@@ -127,13 +127,16 @@ class _Guard:
     body_read_timeout_s: float = RequestLimits().body_read_timeout_s
     request_timeout_s: float | None = None  # the server's deadline per request
     max_json_values: int = RequestLimits().max_json_values
+    max_requests_in_flight: int = 1 << 30  # admission control: beyond it, 429 in OpenAI's shape
+    in_flight: int = 0
 
 
 GUARD = _Guard()
 
 
 def configure_guard(api_keys: tuple[bytes, ...], max_body_bytes: int, body_read_timeout_s: float,
-                    request_timeout_s: float | None = None, max_json_values: int | None = None) -> None:
+                    request_timeout_s: float | None = None, max_json_values: int | None = None,
+                    max_requests_in_flight: int | None = None) -> None:
     """Sets this process's GUARD. Called from the replica's constructor through this module-level function:
     Ray Serve pickles the deployment class by value, so a constructor that named GUARD itself would set a
     copy, not the one `EveryRequest` reads."""
@@ -143,6 +146,8 @@ def configure_guard(api_keys: tuple[bytes, ...], max_body_bytes: int, body_read_
     GUARD.request_timeout_s = request_timeout_s
     if max_json_values is not None:
         GUARD.max_json_values = max_json_values
+    if max_requests_in_flight is not None:
+        GUARD.max_requests_in_flight = max_requests_in_flight
 
 
 def _refuse(scope: Any, receive: Any, send: Any, status: int, message: str, error_type: str = "invalid_request_error",
@@ -218,6 +223,7 @@ class EveryRequest:
         start = time.perf_counter()
         status = 500
         started = False
+        admitted = False
         headers = Headers(scope=scope)
         path = _route_path(scope)
         route = path if path in KNOWN_ROUTES else "other"
@@ -237,6 +243,15 @@ class EveryRequest:
                                "Missing API key: send `Authorization: Bearer <key>`")
                     await _refuse(scope, receive, send, 401, message, headers={"WWW-Authenticate": "Bearer"})
                     return
+            if GUARD.in_flight >= GUARD.max_requests_in_flight and path not in OPEN_ROUTES:
+                status = 429
+                metrics.count_rejected(route, "overloaded")
+                await _refuse(scope, receive, send, 429,
+                              "The server is overloaded: too many requests in flight. Retry after a moment.",
+                              "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
+                return
+            GUARD.in_flight += 1
+            admitted = True
             length = headers.get("content-length")
             if length is not None:
                 if not length.isdigit():
@@ -263,6 +278,8 @@ class EveryRequest:
             status = mapped.status_code
             await _json(mapped.body, mapped.status_code, mapped.headers)(scope, receive, send)
         finally:
+            if admitted:
+                GUARD.in_flight -= 1
             metrics.observe_request(route, status, time.perf_counter() - start)
 
     async def _bounded(self, scope: Any, receive: Any, send: Any) -> None:
@@ -316,6 +333,7 @@ class OpenAIIngress:
         api_keys_file: str | None = None,
         image_url_policy: ImageURLPolicy = "off",
         request_timeout_s: float | None = None,
+        max_requests_in_flight: int | None = None,
     ) -> None:
         """`preprocessor` and `encoders` are handles of the other pools, or None in the one-process
         layout: then this replica builds them itself (`in_process_pools`) from `models` and `image_limits`.
@@ -325,7 +343,7 @@ class OpenAIIngress:
         self._url_policy = image_url_policy
         keys = resolve_api_keys(api_keys, api_keys_file)
         configure_guard(keys, self._limits.max_body_bytes, self._limits.body_read_timeout_s, request_timeout_s,
-                        self._limits.max_json_values)
+                        self._limits.max_json_values, max_requests_in_flight)
         configure_list_limits(max_inputs_per_request, zero_shot.max_labels, zero_shot.max_templates)
         logger.info("API keys: %d configured", len(keys))  # the count, never a key
         _warn_if_open(keys)

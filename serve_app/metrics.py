@@ -97,7 +97,7 @@ def _metrics() -> dict[str, Any]:
         "rejected": m.Counter(
             PREFIX + "rejected_requests",
             description="Requests refused before or instead of their work, by route and reason "
-            "(backpressure, unavailable, timeout, unauthorized, too_large, slow_body).",
+            "(backpressure, overloaded, unavailable, timeout, unauthorized, too_large, slow_body).",
             tag_keys=("route", "reason"),
         ),
     }

@@ -125,3 +125,19 @@ def test_the_deployments_carry_no_options_of_their_own():
     for deployment in (ClipEncoder, OpenAIIngress, Preprocessor):
         set_by_decorator = deployment._deployment_config.user_configured_option_names
         assert not {"max_ongoing_requests", "ray_actor_options", "num_replicas"} & set_by_decorator
+
+
+def test_a_request_count_target_on_the_queue_depth_encoder_is_refused_naming_its_knobs():
+    import pytest
+    from pydantic import ValidationError
+
+    from serve_app.config import AppArgs
+
+    with pytest.raises(ValidationError, match="target_fill"):
+        AppArgs.model_validate({"encoder": {"autoscaling_config": {"target_ongoing_requests": 2, "max_replicas": 4}}})
+    # Ray's request-count policy named explicitly: then the target is what it reads
+    args = AppArgs.model_validate({"encoder": {"autoscaling_config": {
+        "target_ongoing_requests": 2, "max_replicas": 4,
+        "policy": {"policy_function": "ray.serve.autoscaling_policy:default_autoscaling_policy"}}}})
+    (spec,) = args.model_specs()
+    assert spec.encoder.autoscaling_config["target_ongoing_requests"] == 2

@@ -303,3 +303,40 @@ def test_jpeg_scans_are_counted_from_segments_and_bounded_before_decoding():
         probe_image(bomb, "input[2]", ImageLimits())
     assert info.value.param == "input[2]"
     probe_image(scan_bomb(50), "input[0]", ImageLimits())  # 60 scans: within the default of 64
+
+
+def test_requests_past_the_admission_bound_get_429_in_openai_shape_and_liveness_still_answers(monkeypatch):
+    from serve_app import ingress
+
+    monkeypatch.setattr(ingress.GUARD, "api_keys", ())
+    monkeypatch.setattr(ingress.GUARD, "max_requests_in_flight", 2)
+    monkeypatch.setattr(ingress.GUARD, "in_flight", 0)
+    release = None
+
+    async def held(scope, receive, send):
+        await release.wait()
+        await _reading_app(scope, receive, send)
+
+    async def scenario():
+        nonlocal release
+        release = asyncio.Event()
+        first = [asyncio.ensure_future(_call(held, {}, [b"{}"])) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        refused = await _call(held, {}, [b"{}"])
+        live = asyncio.ensure_future(_call(_reading_app, {}, [b""], path="/livez"))
+        await asyncio.sleep(0.05)
+        live_done = live.done()
+        release.set()
+        return refused, [await f for f in first], live_done, ingress.GUARD.in_flight
+
+    (status, body, read), admitted, live_done, in_flight = asyncio.run(scenario())
+    assert status == 429 and read == 0 and body["error"]["type"] == "rate_limit_error"
+    assert "overloaded" in body["error"]["message"]
+    assert [a[0] for a in admitted] == [200, 200] and live_done and in_flight == 0
+
+
+def test_the_admission_bound_defaults_to_three_quarters_of_the_ingress_queue():
+    from serve_app.app import _hardening
+
+    assert _hardening(AppArgs(), 256)["max_requests_in_flight"] == 192
+    assert _hardening(AppArgs(limits={"max_requests_in_flight": 10}), 256)["max_requests_in_flight"] == 10

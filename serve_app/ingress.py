@@ -25,6 +25,7 @@ from serve_app.errors import (
     RETRY_AFTER_S, DeadlineExceeded, PayloadTooLarge, RequestTimeout, error_body, error_payload, find_app_error,
 )
 from serve_app.in_process import in_process_pools
+from serve_app import loop_lag
 from serve_app.inputs import check_count, check_request_budget, collect_inputs, input_from_item
 from serve_app.modeling import load_model_config
 from serve_app.protocol import (
@@ -220,6 +221,7 @@ class EveryRequest:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        loop_lag.REPLICA_LOOP.ensure_started()
         start = time.perf_counter()
         status = 500
         started = False
@@ -359,6 +361,10 @@ class OpenAIIngress:
         }
         self._service = ClipService(preprocessor, served, zero_shot)
         self._max_inputs = max_inputs_per_request
+
+    def loop_lag(self, reset: bool = False) -> dict[str, float]:
+        """The worst lag of this replica's event loop since it started (or the last reset)."""
+        return loop_lag.REPLICA_LOOP.report(reset)
 
     def reconfigure(self, user_config: dict) -> None:
         """One-process layout: the encoder's batching (`user_config`), changed without a restart."""

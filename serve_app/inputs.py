@@ -8,8 +8,7 @@ from typing import Protocol
 
 from serve_app.config import ImageURLPolicy, RequestLimits
 from serve_app.errors import InvalidRequest, PayloadTooLarge
-from serve_app.protocol import (  # noqa: F401  (check_count, TOKEN_IDS_MESSAGE: used by importers)
-    TOKEN_IDS_MESSAGE,
+from serve_app.protocol import (  # noqa: F401  (check_count: used by importers)
     ChatMessage,
     ImagePart,
     InputItem,
@@ -42,6 +41,11 @@ class ImageInput:
 Input = TextInput | ImageInput
 
 MAX_URL_CHARS = 4096
+
+TOKEN_IDS_MESSAGE = (
+    "token-id arrays are not supported: this server embeds text and images, so send text as strings "
+    "(CLIP tokenizes them itself)"
+)
 
 
 

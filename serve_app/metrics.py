@@ -94,6 +94,12 @@ def _metrics() -> dict[str, Any]:
             description="Items in an encoder replica's running forward pass.",
             tag_keys=("model",),
         ),
+        "loop_lag_seconds": m.Histogram(
+            PREFIX + "event_loop_lag_seconds",
+            description="How late a replica's event loop ran a timer (a blocked or starved loop); Serve adds the "
+            "deployment and replica tags.",
+            boundaries=SECONDS_BUCKETS,
+        ),
         "rejected": m.Counter(
             PREFIX + "rejected_requests",
             description="Requests refused before or instead of their work, by route and reason "
@@ -193,3 +199,8 @@ def count_label_cache(model: str, hits: int, misses: int) -> None:
     for result, count in (("hit", hits), ("miss", misses)):
         if count:
             _metrics()["label_cache"].inc(count, tags={"model": model, "result": result})
+
+
+def observe_loop_lag(seconds: float) -> None:
+    if _in_ray():
+        _metrics()["loop_lag_seconds"].observe(seconds)

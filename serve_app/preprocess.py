@@ -28,6 +28,7 @@ from serve_app.imaging import (
     probe_image,
 )
 from serve_app.inputs import is_url
+from serve_app import loop_lag
 from serve_app.modeling import (
     ImagePipeline,
     get_tokenizer,
@@ -150,6 +151,10 @@ class Preprocessor:
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="decode",
                                         initializer=keep_torch_serial_on_this_thread)
 
+    def loop_lag(self, reset: bool = False) -> dict[str, float]:
+        """The worst lag of this replica's event loop since it started (or the last reset)."""
+        return loop_lag.REPLICA_LOOP.report(reset)
+
     def _model(self, name: str) -> ModelPreprocessing:
         try:
             return self._models[name]
@@ -161,6 +166,7 @@ class Preprocessor:
         comes in several calls), which gets that part of the request's pixel and fetched-byte budgets."""
         if len(data) != len(params):
             raise InvalidRequest("internal: data and params differ in length")
+        loop_lag.REPLICA_LOOP.ensure_started()
         preprocessing = self._model(model)
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -211,6 +217,7 @@ class Preprocessor:
 
     async def texts(self, model: str, texts: list[str]) -> TokenBatch:
         keep_torch_serial_on_this_thread()  # a long list's token tensor is big enough for a parallel fill
+        loop_lag.REPLICA_LOOP.ensure_started()
         preprocessing = self._model(model)
         start = time.perf_counter()
         if sum(map(len, texts)) <= TEXT_CHARS_INLINE:

@@ -191,21 +191,20 @@ InputObject = Annotated[
     ),
 ]
 
-TOKEN_IDS_MESSAGE = (
-    "token-id arrays are not supported: this server embeds text and images, so send text as strings "
-    "(CLIP tokenizes them itself)"
-)
+@dataclass(frozen=True)
+class TokenIds:
+    """A list of token ids where an input was expected: kept as its length only, for a clear error naming it."""
+
+    count: int
 
 
-def _refuse_token_ids(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-    """A list of token ids is refused as it is found, without validating its (possibly millions of) items."""
-    if isinstance(value, list):
-        raise InvalidRequest(TOKEN_IDS_MESSAGE, param="input")
-    return handler(value)
+def _token_ids(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """A list is taken as token ids without validating its (possibly millions of) items."""
+    return TokenIds(len(value)) if isinstance(value, list) else handler(value)
 
 
 # Token ids are accepted on the wire only so that they get a clear error, not a generic type error.
-InputItem = Union[str, InputObject, int, Annotated[list[int], WrapValidator(_refuse_token_ids)]]
+InputItem = Union[str, InputObject, int, Annotated[list[int], WrapValidator(_token_ids)]]
 
 
 class ChatMessage(WireModel):

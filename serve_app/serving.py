@@ -161,7 +161,8 @@ class ClipService:
         for label, future in futures.items():
             self._pending[keys[label]] = future
         try:
-            embedded = await self.embed(model, [TextInput(t, "labels") for t in prompts(labels, templates)])
+            inputs = await off_loop(len(labels) * len(templates), _prompt_inputs, labels, templates)
+            embedded = await self.embed(model, inputs)
             fresh = dict(zip(labels, classifier_vectors(embedded.vectors, len(labels))))
             self.label_cache.put_many(model.name, templates, fresh)
             into.update(fresh)
@@ -233,6 +234,10 @@ async def off_loop(values: int, build: Any, *args: Any) -> Any:
     if values <= INLINE_RESPONSE_VALUES:
         return build(*args)
     return await asyncio.to_thread(build, *args)
+
+
+def _prompt_inputs(labels: list[str], templates: tuple[str, ...]) -> list[Input]:
+    return [TextInput(t, "labels") for t in prompts(labels, templates)]
 
 
 def classification_response(

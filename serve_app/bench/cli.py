@@ -388,6 +388,17 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--out", default=None, help="JSON path (default bench-out/soak-<time>.json)")
     soak.set_defaults(func=cmd_soak)
 
+    hostile = sub.add_parser("hostile", help="the hostile corpus beside good traffic: per class statuses and worst "
+                             "time, /livez, every replica's RSS before and after; JSON")
+    _model_args(hostile)
+    hostile.add_argument("--requests", type=int, default=1000, help="hostile requests after one warm-up round")
+    hostile.add_argument("--concurrency", type=int, default=6, help="hostile requests in flight")
+    hostile.add_argument("--good-clients", type=int, default=2, help="closed-loop clients of good requests")
+    hostile.add_argument("--app-args", default="{}", help="JSON merged over the service's args")
+    hostile.add_argument("--workdir", default="/tmp/clip-bench-hostile")
+    hostile.add_argument("--out", default=None, help="JSON path (default bench-out/hostile-<time>.json)")
+    hostile.set_defaults(func=cmd_hostile)
+
     compare = sub.add_parser("compare", help="bare vs our service vs the naive server vs infinity-emb, one run")
     _model_args(compare)
     compare.add_argument("--levels", default="1,32", help="concurrency levels")
@@ -468,6 +479,21 @@ def cmd_soak(args: argparse.Namespace) -> int:
     print(f"\nwrote {json_path}")
     errors = sum(load["error_count"] for load in report["load"].values())
     return 0 if errors == 0 else 1
+
+
+def cmd_hostile(args: argparse.Namespace) -> int:
+    from serve_app.bench.hostile import HostileSettings, hostile_table, run_hostile
+    from serve_app.bench.report import write_json
+
+    settings = HostileSettings(requests=args.requests, concurrency=args.concurrency, good_clients=args.good_clients)
+    report = run_hostile(args.model, _pretrained(args.pretrained), args.threads, settings,
+                         json.loads(args.app_args), args.workdir)
+    json_path, _ = _out_paths(args, "hostile")
+    write_json(json_path, report)
+    print(hostile_table(report))
+    print(f"\nwrote {json_path}")
+    unexpected = sum(len(r["unexpected"]) for r in report["classes"].values())
+    return 0 if unexpected == 0 and report["good"]["wrong_vectors"] == 0 else 1
 
 
 def cmd_step(args: argparse.Namespace) -> int:

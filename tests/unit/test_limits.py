@@ -254,8 +254,13 @@ def test_a_long_list_of_bad_items_stops_at_its_first_bad_slice_and_names_the_ite
 
 
 def test_token_id_lists_are_refused_without_reading_their_items():
-    with pytest.raises(InvalidRequest, match="token-id"):
-        EmbeddingRequest.model_validate({"input": ["a", list(range(1_000_000))]})
+    from serve_app.protocol import TokenIds
+
+    request = EmbeddingRequest.model_validate({"input": ["a", list(range(1_000_000))]})
+    assert request.input[1] == TokenIds(1_000_000)
+    with pytest.raises(InvalidRequest, match="token-id") as info:
+        collect_inputs(request, 2048)
+    assert info.value.param == "input[1]"
 
 
 def test_labels_and_templates_are_bounded_by_the_characters_of_their_prompts():

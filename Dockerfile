@@ -19,10 +19,14 @@ ARG BAKE_PRETRAINED=""
 
 USER root
 WORKDIR /opt/clip
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY serve_app ./serve_app
-# Not editable, no extras: the service's own dependencies only (ray[serve] matches the base image's Ray).
-RUN python -m pip install --no-cache-dir . && rm -rf /opt/clip/build \
+# Not editable, no extras: the service's own dependencies only (ray[serve] matches the base image's Ray, which
+# constraints.txt leaves alone). `-c constraints.txt`: torch and torchvision at the versions the project is
+# built and tested with, as `make install` pins them, not whatever is newest on the day of the build. The Ray
+# base images carry no torch of their own, so the pin fights nothing there; on a base image that does, pip
+# replaces it with the pinned one (or fails on a conflict) rather than mixing versions.
+RUN python -m pip install --no-cache-dir -c constraints.txt . && rm -rf /opt/clip/build \
     && { [ -e /usr/local/bin/clip-haproxy ] || ln -s "$(command -v clip-haproxy)" /usr/local/bin/clip-haproxy; }
 # Ray starts HAProxy through this wrapper: splice off, so that clients that hang up are seen (serve_app/haproxy.py).
 ENV RAY_SERVE_HAPROXY_BINARY_PATH=/usr/local/bin/clip-haproxy

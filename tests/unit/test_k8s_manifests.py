@@ -7,6 +7,7 @@ JSON patch is applied in Python, so the same checks run either way.
 """
 
 import copy
+import ipaddress
 import json
 import re
 import shutil
@@ -103,6 +104,11 @@ def one(docs, kind: str, name_prefix: str = "") -> dict:
     found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].startswith(name_prefix)]
     assert len(found) == 1, (kind, name_prefix, [d["metadata"]["name"] for d in found])
     return found[0]
+
+
+def named(docs, kind: str, name: str) -> dict:
+    (found,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
 
 
 def ray_pod_specs(rayservice: dict) -> dict[str, dict]:
@@ -299,29 +305,34 @@ def test_cpu_overlay_drops_the_gpu_group():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_worker_pods_serve_offline_with_secrets_and_probes(variant: str):
+def test_worker_pods_serve_offline_with_secrets_and_probes(variant: str, tmp_path: Path):
     for name, spec in ray_pod_specs(one(build(variant), "RayService")).items():
         container = spec["containers"][0]
         env = {e["name"]: e for e in container.get("env", [])}
-        assert env["CLIP_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "clip-api-keys", name
+        assert "CLIP_API_KEYS" not in env, name  # keys never travel in the environment (see below)
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         if name == "head":
             assert "readinessProbe" not in container and "livenessProbe" not in container  # KubeRay's defaults
             continue
         assert env["HF_HUB_OFFLINE"]["value"] == "1" and env["HF_HOME"]["value"].startswith("/models")
-        assert all(m.get("readOnly") for m in container["volumeMounts"])
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert mounts["/models"]["readOnly"] and mounts["/etc/clip-api-keys"]["readOnly"]
         assert spec["initContainers"][0]["name"] == "wait-for-weights"
         readiness = " ".join(container["readinessProbe"]["exec"]["command"])
         liveness = " ".join(container["livenessProbe"]["exec"]["command"])
         assert "localhost:8000/health" in readiness and "local_raylet_healthz" in readiness
-        # once keys are set /health needs one: the probe sends the first key of CLIP_API_KEYS, as the ingress
-        # checks it (a probe without it would keep every pod unready)
+        # once keys are set /health needs one: the probe sends the first key of the keys file, as the ingress
+        # reads it (comments, blank lines and spaces skipped); a probe without it would keep every pod unready
+        keys_file = tmp_path / "api-keys"
+        keys_file.write_text("# rotated 2025-01\n\n  first-key   # the new one\nsecond-key\n")
+        read_key = re.search(r"(key=\$\(.*?\|\| true\))", readiness).group(1)
         header = re.search(r'--header "(Authorization: Bearer [^"]+)"', readiness).group(1)
-        sent = subprocess.run(["bash", "-c", f'echo "{header}"'], env={"CLIP_API_KEYS": "first-key,second-key"},
+        sent = subprocess.run(["bash", "-c", f'{read_key} && echo "{header}"'],
+                              env={"CLIP_API_KEYS_FILE": str(keys_file), "PATH": "/usr/bin:/bin"},
                               capture_output=True, text=True, check=True).stdout.strip()
-        keys = resolve_api_keys(None, None, environ={"CLIP_API_KEYS": "first-key,second-key"})
-        assert key_matches(bearer_token(sent.split(": ", 1)[1]), keys) and sent.endswith("first-key")
+        keys = resolve_api_keys(None, None, environ={"CLIP_API_KEYS_FILE": str(keys_file)})
+        assert key_matches(bearer_token(sent.split(": ", 1)[1]), keys) and sent.endswith("Bearer first-key")
         assert container["readinessProbe"]["timeoutSeconds"] > 10  # HEALTH_TIMEOUT_S in serve_app/ingress.py
         # liveness never asks the encoders: only the raylet and the ingress's own /livez
         assert "/livez" in liveness and "/health" not in liveness
@@ -336,7 +347,7 @@ def test_hf_token_is_optional_and_no_secret_is_committed():
 
 
 def test_network_policy_opens_only_serving_and_metrics_ports():
-    policy = one(build("gpu"), "NetworkPolicy")
+    policy = named(build("gpu"), "NetworkPolicy", "clip-ray")
     opened_to_all = [r for r in policy["spec"]["ingress"] if "from" not in r]
     assert [p["port"] for r in opened_to_all for p in r["ports"]] == [8000]
     every_port = [r for r in policy["spec"]["ingress"] if "ports" not in r]
@@ -348,6 +359,180 @@ def test_network_policy_opens_only_serving_and_metrics_ports():
             assert ports == {8080, 44217, 44227}
         elif ports:
             assert not (ports & closed) or any("kuberay-operator" in json.dumps(f) for f in rule["from"])
+
+
+# ------------------------------------------------------------------ hardening (issue 24, item 8)
+
+METADATA = ipaddress.ip_address("169.254.169.254")  # the cloud metadata service (AWS, GCP, Azure, ...)
+
+
+def pod_specs(docs) -> dict[str, dict]:
+    """Every pod template of a variant: the Ray groups and the weights Job."""
+    specs = ray_pod_specs(one(docs, "RayService"))
+    specs["fetch-weights"] = one(docs, "Job", "clip-fetch-weights")["spec"]["template"]["spec"]
+    return specs
+
+
+def pod_labels(docs) -> dict[str, dict]:
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    labels = {"head": {**cluster["headGroupSpec"]["template"]["metadata"]["labels"], "ray.io/node-type": "head"}}
+    labels.update({g["groupName"]: {**g["template"]["metadata"]["labels"], "ray.io/node-type": "worker"}
+                   for g in cluster["workerGroupSpecs"]})  # ray.io/node-type: the label KubeRay sets
+    labels["fetch-weights"] = one(docs, "Job", "clip-fetch-weights")["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def selects(policy: dict, labels: dict) -> bool:
+    return policy["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_pod_runs_confined(variant: str):
+    """RuntimeDefault seccomp and a non-root user on every pod; on every container (the autoscaler sidecar's
+    too) no privilege escalation, no capabilities and a read-only root, with a writable emptyDir at /tmp where
+    Ray and the tools write; no Kubernetes API token on any pod."""
+    docs = build(variant)
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    for name, spec in pod_specs(docs).items():
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 1000
+        assert spec["automountServiceAccountToken"] is False, name
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for container in spec["containers"] + spec.get("initContainers", []):
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, (name, container["name"])
+            assert context["capabilities"] == {"drop": ["ALL"]}, (name, container["name"])
+            assert context["readOnlyRootFilesystem"] is True, (name, container["name"])
+            (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+            assert "emptyDir" in volumes[tmp["name"]] and not tmp.get("readOnly"), (name, container["name"])
+    autoscaler = cluster["autoscalerOptions"]
+    assert autoscaler["securityContext"] == cluster["headGroupSpec"]["template"]["spec"]["containers"][0][
+        "securityContext"]
+    assert "/tmp" in {m["mountPath"] for m in autoscaler["volumeMounts"]}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_only_the_autoscaler_holds_a_kubernetes_api_token(variant: str):
+    """The head pod mounts no token (automountServiceAccountToken: false) but projects one for the autoscaler
+    sidecar alone, at the path the in-cluster client reads; the Ray containers see none."""
+    docs = build(variant)
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    token_volumes = {v["name"] for v in head["volumes"]
+                     if any("serviceAccountToken" in s for s in v.get("projected", {}).get("sources", []))}
+    assert len(token_volumes) == 1
+    (mount,) = [m for m in cluster["autoscalerOptions"]["volumeMounts"] if m["name"] in token_volumes]
+    assert mount["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount" and mount["readOnly"] is True
+    (volume,) = [v for v in head["volumes"] if v["name"] in token_volumes]
+    paths = {s_["serviceAccountToken"]["path"] if "serviceAccountToken" in s_ else
+             next(iter(s_.values()))["items"][0]["path"] for s_ in volume["projected"]["sources"]}
+    assert paths == {"token", "ca.crt", "namespace"}
+    for name, spec in pod_specs(docs).items():
+        for container in spec["containers"] + spec.get("initContainers", []):
+            assert not {m["name"] for m in container.get("volumeMounts", [])} & token_volumes, (name, container)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_api_keys_reach_only_the_pods_that_check_them(variant: str):
+    """The keys Secret is a read-only file on the worker pods (where the ingress replicas run), named by
+    CLIP_API_KEYS_FILE: in no environment variable, not on the head (no replicas: num-cpus 0), not in the Job."""
+    docs = build(variant)
+    rayservice = one(docs, "RayService")
+    assert rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert "clip-api-keys" not in json.dumps(rayservice["spec"]["rayClusterConfig"]["autoscalerOptions"])
+    for name, spec in pod_specs(docs).items():
+        text = json.dumps(spec)
+        assert "CLIP_API_KEYS\"" not in text, name  # no key in any environment
+        if name in ("head", "fetch-weights"):
+            assert "clip-api-keys" not in text, name
+            continue
+        (volume,) = [v for v in spec["volumes"] if v.get("secret", {}).get("secretName") == "clip-api-keys"]
+        assert volume["secret"]["defaultMode"] == 0o440  # the pod's user and group (fsGroup) only
+        container = spec["containers"][0]
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+        assert mount["readOnly"] is True
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        (item,) = volume["secret"]["items"]
+        assert env["CLIP_API_KEYS_FILE"] == f"{mount['mountPath']}/{item['path']}"
+        for init in spec.get("initContainers", []):  # wait-for-weights needs no keys
+            assert "clip-api-keys" not in json.dumps(init) and "CLIP_API_KEYS" not in json.dumps(init)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_egress_is_dns_own_pods_and_the_hub_for_the_weights_job_only(variant: str):
+    docs = build(variant)
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    labels = pod_labels(docs)
+    # every pod is under some egress policy (no policy: everything open)
+    for name, pod in labels.items():
+        assert any(selects(p, pod) and "Egress" in p["spec"]["policyTypes"] for p in policies), name
+    # no egress rule anywhere reaches the cloud metadata address, nor opens every port to a block of addresses
+    for policy in policies:
+        for rule in policy["spec"].get("egress", []):
+            for peer in rule.get("to", []):
+                if "ipBlock" in peer:  # a block that holds the metadata address excepts it
+                    if METADATA in ipaddress.ip_network(peer["ipBlock"]["cidr"]):
+                        assert any(METADATA in ipaddress.ip_network(e) for e in peer["ipBlock"].get("except", [])), \
+                            policy["metadata"]["name"]
+                    assert rule.get("ports"), policy["metadata"]["name"]
+            assert rule.get("to"), policy["metadata"]["name"]  # an empty `to` would allow every destination
+
+    def egress_of(pod: dict) -> list[dict]:
+        return [r for p in policies if selects(p, pod) and "Egress" in p["spec"]["policyTypes"]
+                for r in p["spec"].get("egress", [])]
+
+    def dns_only(rule: dict) -> bool:
+        return ({(p["protocol"], p["port"]) for p in rule.get("ports", [])} == {("UDP", 53), ("TCP", 53)} and
+                all(peer.get("podSelector", {}).get("matchLabels") == {"k8s-app": "kube-dns"} for peer in rule["to"]))
+
+    own_pods = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "clip-embeddings"}}}
+    for name, pod in labels.items():
+        rules = egress_of(pod)
+        assert any(dns_only(r) for r in rules), name
+        others = [r for r in rules if not dns_only(r)]
+        if name == "fetch-weights":
+            # HTTPS to public addresses: not the metadata service, not the cluster's own (private) networks
+            (rule,) = others
+            assert rule["ports"] == [{"protocol": "TCP", "port": 443}]
+            (peer,) = rule["to"]
+            excepts = [ipaddress.ip_network(e) for e in peer["ipBlock"]["except"]]
+            for private in ("10.0.0.1", "172.16.0.1", "192.168.0.1", "100.100.100.200"):
+                assert any(ipaddress.ip_address(private) in e for e in excepts), private
+            continue
+        # Ray pods: their own pods on any port, and the head also the API server (for the autoscaler)
+        assert [r for r in others if "ports" not in r] == [{"to": [own_pods]}], name
+        api = [r for r in others if "ports" in r]
+        if name == "head":
+            (rule,) = api
+            assert {p["port"] for p in rule["ports"]} == {443, 6443}
+        else:
+            assert api == [], name
+    job_policy = named(docs, "NetworkPolicy", "clip-fetch-weights")
+    assert job_policy["spec"]["ingress"] == [] and "Ingress" in job_policy["spec"]["policyTypes"]
+
+
+def test_operator_rule_admits_the_operator_namespace_only():
+    """The ingress rule for the KubeRay operator names its namespace, the one k8s/README.md installs it in,
+    instead of any namespace (`namespaceSelector: {}`: any pod anywhere labelled kuberay-operator)."""
+    policy = named(build("gpu"), "NetworkPolicy", "clip-ray")
+    (rule,) = [r for r in policy["spec"]["ingress"] if "kuberay-operator" in json.dumps(r.get("from", []))]
+    (peer,) = rule["from"]
+    namespace = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+    readme = (K8S / "README.md").read_text()
+    install = re.search(r"helm install kuberay-operator [^`]*", readme).group(0)
+    assert f"--namespace {namespace}" in install and "singleNamespaceInstall=true" in install
+    assert "watchNamespace={clip}" in install
+
+
+def test_the_image_installs_with_the_constraints():
+    """`pip install -c constraints.txt`: the image gets the torch/torchvision the project is tested with."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = re.search(r"^COPY (.*) \./$", dockerfile, re.M).group(1).split()
+    assert "constraints.txt" in copied and "pyproject.toml" in copied
+    (install,) = re.findall(r"^RUN python -m pip install (.*?) \. ", dockerfile, re.M)
+    assert "-c constraints.txt" in install
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "*" in ignore and "!constraints.txt" in ignore  # the build context carries the file
 
 
 def test_python_build_matches_kustomize():

@@ -28,6 +28,7 @@ from serve_app.in_process import in_process_pools
 from serve_app import loop_lag
 from serve_app.inputs import check_count, check_request_budget, collect_inputs, input_from_item
 from serve_app.modeling import load_model_config
+from serve_app.openapi import refine
 from serve_app.protocol import (
     ClassifyRequest,
     configure_list_limits,
@@ -112,7 +113,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
             path = _route_path(request.scope)
             metrics.count_rejected(path if path in KNOWN_ROUTES else "other", mapped.reason)
         return _json(mapped.body, mapped.status_code, mapped.headers)
-    return _json(error_body(exc.status_code, str(exc.detail), "invalid_request_error").body, exc.status_code)
+    # Starlette's own headers (a 405's `Allow`) go out with our body
+    return _json(error_body(exc.status_code, str(exc.detail), "invalid_request_error").body, exc.status_code,
+                 dict(exc.headers or {}))
 
 
 KNOWN_ROUTES = {"/v1/embeddings", "/v1/classify", "/v1/rerank", "/v1/models", "/health", "/livez", "/openapi.json",
@@ -300,6 +303,27 @@ class EveryRequest:
 
 app.add_middleware(EveryRequest)
 
+_SERVED: dict[str, Any] = {"models": {}, "limits": RequestLimits()}
+
+
+def configure_openapi(models: dict[str, int], limits: RequestLimits) -> None:
+    """What `/openapi.json` states of this replica's models and limits (module-level, as configure_guard)."""
+    _SERVED["models"], _SERVED["limits"] = dict(models), limits
+    app.openapi_schema = None
+
+
+def _openapi() -> dict[str, Any]:
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        limits = _SERVED["limits"]
+        app.openapi_schema = refine(document, _SERVED["models"], limits.max_text_chars, limits.max_template_chars)
+    return app.openapi_schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
+
 
 def _warn_if_open(keys: tuple[bytes, ...]) -> None:
     """A loud warning when Serve's HTTP options bind beyond loopback and no API keys are set. The bind host
@@ -360,6 +384,7 @@ class OpenAIIngress:
             for spec in models
         }
         self._service = ClipService(preprocessor, served, zero_shot)
+        configure_openapi({name: m.config.embed_dim for name, m in served.items()}, self._limits)
         self._max_inputs = max_inputs_per_request
 
     def loop_lag(self, reset: bool = False) -> dict[str, float]:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
-    BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidatorFunctionWrapHandler, WrapValidator,
-    field_validator,
+    BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictBool, Tag, ValidationError,
+    ValidatorFunctionWrapHandler, WrapValidator, field_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -106,6 +106,19 @@ def _bounded_messages(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
                 for m in value)
     check_count(parts, LIST_LIMITS.inputs, "messages")
     return _validate_in_slices(value, handler)
+
+
+def _json_integer(value: Any) -> Any:
+    """An integer as JSON Schema defines one (1 and 1.0), not a boolean or a numeric string (pydantic's lax int
+    would take `true` and `"5"`)."""
+    if isinstance(value, bool) or isinstance(value, str):
+        raise ValueError("must be an integer")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
 
 
 class WireModel(BaseModel):
@@ -225,7 +238,7 @@ class EmbeddingRequest(WireModel):
     input: str | InputList | None = None
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: JsonInt | None = None
     user: str | None = None
     # --- extensions ---
     modality: Literal["text", "image"] | None = Field(
@@ -277,7 +290,7 @@ class ClassifyRequest(WireModel):
         description="strings containing '{}' (default: 'a photo of a {}.'), or 'imagenet' for open_clip's "
         "80 OpenAI ImageNet templates",
     )
-    top_k: int | None = Field(default=None, ge=1)
+    top_k: JsonInt | None = Field(default=None, ge=1)
     # --- extensions ---
     modality: Literal["text", "image"] | None = None
     messages: Messages | None = None
@@ -314,8 +327,8 @@ class RerankRequest(WireModel):
     model: str | None = None
     query: RerankItem
     documents: Annotated[list[RerankItem], bounded_list("documents", "inputs")]
-    top_n: int | None = Field(default=None, ge=1)
-    return_documents: bool = False
+    top_n: JsonInt | None = Field(default=None, ge=1)
+    return_documents: StrictBool = False
 
 
 class RerankResult(BaseModel):

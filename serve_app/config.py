@@ -301,9 +301,14 @@ class RequestLimits(StrictModel):
         "merged in O(n log n) (serve_app/tokenizing.py), so a long text costs its cleaning, linear in its length",
     )
     max_request_text_chars: int = Field(
-        default=1_000_000, ge=1,
+        default=262_144, ge=1,
         description="characters of all texts and labels of one request together (ImageNet's 1,000 class names "
-        "are ~15,000); bounds one request's text cleaning to about half a second of a core",
+        "are ~15,000): bounds one request's tokenizing to about a second of a core even in 4-byte characters",
+    )
+    max_request_text_lines: int = Field(
+        default=20_000, ge=1,
+        description="line breaks in all texts, labels and classify prompts of one request together: open_clip's "
+        "text cleaning (ftfy) costs time per line, so a text of 16,000 empty lines costs what 16,000 texts do",
     )
     max_template_chars: int = Field(default=256, ge=3, description="characters per prompt template")
     max_prompts_per_request: int = Field(

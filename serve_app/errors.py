@@ -63,6 +63,12 @@ class Overloaded(ServeAppError):
     reason = "backpressure"
 
 
+class TooManyInFlight(Overloaded):
+    """The ingress's own admission bound (`limits.max_requests_in_flight`)."""
+
+    reason = "overloaded"
+
+
 class Unavailable(ServeAppError):
     status_code = 503
     error_type = "server_error"
@@ -140,9 +146,17 @@ def pool_refusal(exc: BaseException) -> ServeAppError | None:
     return None
 
 
+def _message_too_large(exc: BaseException) -> ServeAppError | None:
+    """gRPC's refusal of a call between deployments larger than RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH."""
+    if any("RESOURCE_EXHAUSTED" in str(e) or "larger than max" in str(e) for e in _chain(exc)):
+        return PayloadTooLarge("the request's data is larger than this service passes between its pools; send "
+                               "fewer or smaller images per request")
+    return None
+
+
 def error_payload(exc: BaseException, request_id: str | None = None) -> MappedError:
     """Maps any exception to (status, {"error": {message, type, param, code}}); `code` is the status."""
-    app_error = find_app_error(exc) or pool_refusal(exc)
+    app_error = find_app_error(exc) or pool_refusal(exc) or _message_too_large(exc)
     if app_error is None and _replica_lost(exc):
         app_error = PoolUnavailable("a replica of the service is restarting; retry")
     if app_error is None:

@@ -122,8 +122,32 @@ def open_image(raw: bytes, param: str, limits: ImageLimits, draft_size: int | No
     return load_image(probe_image(raw, param, limits), param, draft_size)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# A still PNG holds at most 8 bytes a pixel of image data (16-bit RGBA, stored uncompressed); beyond that and a
+# few megabytes of metadata (ICC profiles, EXIF, text), a file is chunks that Pillow reads one by one in Python.
+PNG_BYTES_PER_PIXEL = 8
+PNG_METADATA_BYTES = 4 * 1024 * 1024
+
+
+def check_png_size(raw: bytes, param: str) -> None:
+    """A PNG's file size against its pixels, from its IHDR chunk, before Pillow reads its chunks (a 1x1 image in
+    20 MB of empty private chunks takes Pillow seconds). Animated PNGs (acTL before IDAT) may be larger."""
+    if not raw.startswith(PNG_SIGNATURE) or len(raw) < 24 or raw[12:16] != b"IHDR":
+        return
+    width, height = int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+    idat = raw.find(b"IDAT")
+    if b"acTL" in raw[:idat if idat > 0 else 4096]:
+        return
+    if len(raw) > PNG_BYTES_PER_PIXEL * width * height + PNG_METADATA_BYTES:
+        raise InvalidRequest(
+            f"PNG file of {len(raw)} bytes for {width}x{height} pixels: more than its pixels and metadata can take",
+            param=param,
+        )
+
+
 def probe_image(raw: bytes, param: str, limits: ImageLimits) -> Image.Image:
     """Opens an image from its header alone (format allow-list, per-image pixel cap); nothing is decoded."""
+    check_png_size(raw, param)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -7,6 +7,7 @@ Routes parse, await the service, and build the response.
 import asyncio
 import json
 import logging
+import sys
 import time
 import uuid
 from typing import Any
@@ -22,7 +23,7 @@ from serve_app import metrics
 from serve_app.auth import OPEN_ROUTES, bearer_token, key_matches, open_network_warning, resolve_api_keys
 from serve_app.config import ImageLimits, ImageURLPolicy, ModelSpec, RequestLimits, ZeroShotSettings
 from serve_app.errors import (
-    RETRY_AFTER_S, DeadlineExceeded, PayloadTooLarge, RequestTimeout, error_body, error_payload, find_app_error,
+    DeadlineExceeded, TooManyInFlight, PayloadTooLarge, RequestTimeout, error_body, error_payload, find_app_error,
 )
 from serve_app.in_process import in_process_pools
 from serve_app import loop_lag
@@ -43,7 +44,9 @@ from serve_app.protocol import (
     RerankResponse,
 )
 from serve_app.serving import ClipService, ServedModel, check_dimensions, embedding_response, off_loop
-from serve_app.zero_shot import check_labels, check_prompt_chars, check_prompt_count, check_scores, resolve_templates
+from serve_app.zero_shot import (
+    check_labels, check_prompt_chars, check_prompt_count, check_scores, prompt_lines, resolve_templates,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -65,6 +68,10 @@ def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None
     # ASCII-escaped: an error that quotes a client's string stays valid UTF-8 even if the string was not.
     body = json.dumps(payload, ensure_ascii=True, separators=(",", ":"))
     return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _rerank_json(response: RerankResponse) -> Response:
+    return Response(response.model_dump_json(exclude_none=True), media_type="application/json")
 
 
 def _embedding_json(model: ServedModel, embedded: Any, encoding_format: str) -> Response:
@@ -144,6 +151,9 @@ def configure_guard(api_keys: tuple[bytes, ...], max_body_bytes: int, body_read_
     """Sets this process's GUARD. Called from the replica's constructor through this module-level function:
     Ray Serve pickles the deployment class by value, so a constructor that named GUARD itself would set a
     copy, not the one `EveryRequest` reads."""
+    # A JSON integer of thousands of digits costs quadratic time to parse, in any field, ignored ones too; 640
+    # digits (Python's floor for this bound) is far beyond any number the API reads.
+    sys.set_int_max_str_digits(640)
     GUARD.api_keys = api_keys
     GUARD.max_body_bytes = max_body_bytes
     GUARD.body_read_timeout_s = body_read_timeout_s
@@ -197,8 +207,11 @@ def _body_cap(receive: Any, limit: int, timeout_s: float, max_json_values: int) 
                     f"request body holds more than {max_json_values} JSON values (commas, braces and brackets "
                     "counted); send fewer items per request"
                 )
+            if done and capped.on_complete is not None:
+                capped.on_complete()
         return message
 
+    capped.on_complete = None  # type: ignore[attr-defined]
     return capped
 
 
@@ -248,15 +261,6 @@ class EveryRequest:
                                "Missing API key: send `Authorization: Bearer <key>`")
                     await _refuse(scope, receive, send, 401, message, headers={"WWW-Authenticate": "Bearer"})
                     return
-            if GUARD.in_flight >= GUARD.max_requests_in_flight and path not in OPEN_ROUTES:
-                status = 429
-                metrics.count_rejected(route, "overloaded")
-                await _refuse(scope, receive, send, 429,
-                              "The server is overloaded: too many requests in flight. Retry after a moment.",
-                              "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
-                return
-            GUARD.in_flight += 1
-            admitted = True
             length = headers.get("content-length")
             if length is not None:
                 if not length.isdigit():
@@ -270,6 +274,21 @@ class EveryRequest:
                                   f"request body is {int(length)} bytes; the limit is {GUARD.max_body_bytes}")
                     return
             body = _body_cap(receive, GUARD.max_body_bytes, GUARD.body_read_timeout_s, GUARD.max_json_values)
+
+            def admit() -> None:
+                """Counts the request in flight once its body has arrived (a client trickling a body holds a
+                connection, not a place in admission); past the bound, 429 in OpenAI's shape."""
+                nonlocal admitted
+                if admitted or path in OPEN_ROUTES:
+                    return
+                if GUARD.in_flight >= GUARD.max_requests_in_flight:
+                    raise TooManyInFlight("The server is overloaded: too many requests in flight. Retry after a moment.")
+                GUARD.in_flight += 1
+                admitted = True
+
+            body.on_complete = admit
+            if scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE"):
+                admit()
             await self._bounded(scope, body, send_and_watch)
         except Exception as exc:  # the one error mapper
             request_id = headers.get("x-request-id") or uuid.uuid4().hex
@@ -435,7 +454,8 @@ class OpenAIIngress:
         check_prompt_chars(request.labels, templates, self._limits.max_request_prompt_chars)
         inputs = collect_inputs(request, self._max_inputs, self._url_policy)
         check_scores(len(inputs), len(request.labels), request.top_k, self._limits.max_response_scores)
-        check_request_budget(inputs, self._limits, extra_text_chars=sum(map(len, request.labels)))
+        check_request_budget(inputs, self._limits, extra_text_chars=sum(map(len, request.labels)),
+                             extra_text_lines=prompt_lines(request.labels, templates))
         response = await self._service.classify(model, inputs, request.labels, templates, request.top_k)
         return await off_loop(len(response.data) * len(response.data[0].predictions), _json, response)
 
@@ -453,8 +473,7 @@ class OpenAIIngress:
         response = await self._service.rerank(
             model, query, documents, originals, request.top_n, request.return_documents
         )
-        body = response.model_dump_json(exclude_none=True)
-        return Response(body, media_type="application/json")
+        return await off_loop(len(response.results) * (64 if request.return_documents else 1), _rerank_json, response)
 
     @app.get("/livez")
     async def livez(self) -> Response:

@@ -141,7 +141,8 @@ def collect_inputs(request: HasInputs, max_inputs: int, url_policy: ImageURLPoli
     return inputs
 
 
-def check_request_budget(inputs: list[Input], limits: RequestLimits, extra_text_chars: int = 0) -> None:
+def check_request_budget(inputs: list[Input], limits: RequestLimits, extra_text_chars: int = 0,
+                         extra_text_lines: int = 0) -> None:
     """Characters per text and per request, and inline image bytes per request, before any work is sent.
 
     A text's characters bound the tokenizer's work (its cleaning is linear in them; serve_app/tokenizing.py
@@ -149,6 +150,7 @@ def check_request_budget(inputs: list[Input], limits: RequestLimits, extra_text_
     from their base64 length (3/4 of it); fetched images are counted as they stream in the preprocessor.
     """
     text_chars = extra_text_chars
+    text_lines = extra_text_lines
     image_bytes = 0
     for item in inputs:
         if isinstance(item, TextInput):
@@ -159,12 +161,19 @@ def check_request_budget(inputs: list[Input], limits: RequestLimits, extra_text_
                     param=item.param,
                 )
             text_chars += len(item.text)
+            text_lines += item.text.count("\n")
         elif not item.is_url:
             image_bytes += len(item.data) * 3 // 4
     if text_chars > limits.max_request_text_chars:
         raise InvalidRequest(
             f"the request's texts have {text_chars} characters together; the limit is "
             f"{limits.max_request_text_chars}",
+            param=_list_param(inputs),
+        )
+    if text_lines > limits.max_request_text_lines:
+        raise InvalidRequest(
+            f"the request's texts have {text_lines} line breaks together; the limit is "
+            f"{limits.max_request_text_lines}",
             param=_list_param(inputs),
         )
     if image_bytes > limits.max_request_image_bytes:

@@ -107,8 +107,15 @@ class ModelPreprocessing:
         return probe_image(raw, param, self.limits)
 
     def pixels_of(self, image: Image.Image, param: str) -> np.ndarray:
-        """A probed image's (3, H, W) uint8 pixels, decoded the way this model's `image_decode` says."""
-        return self.image_to_pixels(load_image(image, param, self.draft_size))
+        """A probed image's (3, H, W) uint8 pixels, decoded the way this model's `image_decode` says. The full-size
+        decode (and a decoder's own canvas) is freed as soon as the pixels exist, not when the request ends:
+        otherwise every image of a request, and of every request in flight, would hold its full size at once."""
+        decoded = load_image(image, param, self.draft_size)
+        try:
+            return self.image_to_pixels(decoded)
+        finally:
+            decoded.close()
+            image.close()
 
     def decode(self, item: str | bytes, param: str) -> Image.Image:
         """The image an item holds, decoded the way this model's `image_decode` says."""

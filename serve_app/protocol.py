@@ -113,7 +113,9 @@ def _json_integer(value: Any) -> Any:
     would take `true` and `"5"`)."""
     if isinstance(value, bool) or isinstance(value, str):
         raise ValueError("must be an integer")
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float):
+        if not (value.is_integer() and abs(value) <= 2**53):  # beyond 2**53 a float is no exact integer
+            raise ValueError("must be an integer")
         return int(value)
     return value
 

@@ -24,6 +24,8 @@ import torch
 
 # Words of at most this many byte-symbols use open_clip's `bpe` and its cache; longer ones `merge_word`.
 CACHED_WORD_SYMBOLS = 64
+# Texts longer than this are cleaned from a prefix that ends at a line break (`BoundedTokenizer.encode`).
+PREFIX_CHARS = 2048
 # Words a tokenizer's cache keeps (each at most CACHED_WORD_SYMBOLS symbols, so well under a megabyte in all).
 DEFAULT_CACHE_WORDS = 20_000
 
@@ -111,7 +113,26 @@ class BoundedTokenizer:
         return result
 
     def encode(self, text: str, max_tokens: int) -> list[int]:
-        """The first `max_tokens` tokens of `tok.encode(text)`, encoding no more of the text than that needs."""
+        """The first `max_tokens` tokens of `tok.encode(text)`, cleaning and encoding no more of the text than
+        that needs.
+
+        Cleaning (ftfy, HTML unescaping, whitespace) costs time per line, and open_clip cleans a whole text first.
+        Here it runs on a prefix that ends at a line break, doubled until its tokens fill the context: ftfy fixes
+        a text line by line in order (a line's fixes depend only on it and the lines before), no HTML entity
+        spans a line break, and whitespace separates pre-tokens, so the prefix's tokens are the whole text's
+        first ones."""
+        end = PREFIX_CHARS
+        while len(text) > end:
+            cut = text.find("\n", end)
+            if cut < 0:
+                break
+            tokens = self._encode_clean(text[: cut + 1], max_tokens)
+            if len(tokens) >= max_tokens:
+                return tokens
+            end = 2 * (cut + 1)
+        return self._encode_clean(text, max_tokens)
+
+    def _encode_clean(self, text: str, max_tokens: int) -> list[int]:
         tok = self.inner
         tokens: list[int] = []
         for match in tok.pat.finditer(tok.clean_fn(text)):

@@ -7,6 +7,7 @@ per (model, templates, label) in a bounded LRU at the ingress: a repeated label 
 encoding and no trip to the pools at all.
 """
 
+import hashlib
 import string
 from collections import OrderedDict
 from threading import Lock
@@ -97,6 +98,12 @@ def check_prompt_chars(labels: list[str], templates: tuple[str, ...], max_chars:
         )
 
 
+def prompt_lines(labels: list[str], templates: tuple[str, ...]) -> int:
+    """Line breaks of all prompts together (each prompt is cleaned on its own), computed without building them."""
+    return len(templates) * sum(label.count("\n") for label in labels) + len(labels) * sum(
+        template.count("\n") for template in templates)
+
+
 def check_scores(inputs: int, labels: int, top_k: int | None, max_scores: int) -> None:
     """A response carries inputs x (top_k or all labels) scores: bounded before any is computed."""
     kept = min(top_k or labels, labels)
@@ -136,12 +143,18 @@ def zero_shot_scores(image_vectors: np.ndarray, classifiers: np.ndarray, logit_s
     return probabilities / probabilities.sum(axis=1, keepdims=True)
 
 
+def _digest(*parts: object) -> bytes:
+    """16 bytes for a cache key: a key that held the label and templates themselves would let 20,000 labels of
+    16,000 characters hold over a gigabyte."""
+    return hashlib.blake2b(repr(parts).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
 class LabelCache:
-    """Bounded LRU of classifier vectors keyed by (model, templates, label); counts hits and misses."""
+    """Bounded LRU of classifier vectors keyed by a digest of (model, templates, label); counts hits and misses."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[tuple[str, tuple[str, ...], str], np.ndarray] = OrderedDict()
+        self._entries: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._lock = Lock()
         self.hits = 0
         self.misses = 0
@@ -149,8 +162,9 @@ class LabelCache:
     def get_many(self, model: str, templates: tuple[str, ...], labels: list[str]) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
         with self._lock:
+            prefix = _digest(model, templates)
             for label in labels:
-                key = (model, templates, label)
+                key = _digest(prefix, label)
                 vector = self._entries.get(key)
                 if vector is not None:
                     self._entries.move_to_end(key)
@@ -165,8 +179,9 @@ class LabelCache:
         if self.capacity <= 0:
             return
         with self._lock:
+            prefix = _digest(model, templates)
             for label, vector in vectors.items():
-                key = (model, templates, label)
+                key = _digest(prefix, label)
                 self._entries[key] = vector
                 self._entries.move_to_end(key)
             while len(self._entries) > self.capacity:

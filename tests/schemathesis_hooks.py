@@ -1,13 +1,15 @@
 """Schemathesis hooks for tests/integration/test_schemathesis.py (loaded through SCHEMATHESIS_HOOKS).
 
-The OpenAPI document states every constraint JSON Schema can (serve_app/openapi.py). One it cannot: an image
-field's string must be the bytes of a real image. A generated schema-valid request gets a real small PNG in
-every image field before it is sent, so that "schema-valid requests are accepted" is tested on everything else;
-negative cases are sent as generated.
+The OpenAPI document states every constraint JSON Schema can (serve_app/openapi.py). Two it cannot: an image
+field's string must be the bytes of a real image, and all `messages` together hold at most the server's inputs
+per request (CLIP_MAX_INPUTS, set by the test). A generated schema-valid request gets a real small PNG in every
+image field and its messages' parts cut to that total before it is sent, so that "schema-valid requests are
+accepted" is tested on everything else; negative cases are sent as generated.
 """
 
 import base64
 import io
+import os
 
 import schemathesis
 from PIL import Image
@@ -44,9 +46,22 @@ def before_call(ctx, case, kwargs):
     strings_are_images = body.get("modality") == "image"
     if body.get("input") is not None:
         body["input"] = _items(body["input"], strings_are_images)
-    for message in body.get("messages") or []:
+    room = int(os.environ.get("CLIP_MAX_INPUTS", "2048"))
+    messages = body.get("messages") or []
+    for message in messages:
         if isinstance(message, dict) and isinstance(message.get("content"), list):
             message["content"] = _items(message["content"], False)
+    if isinstance(messages, list):
+        parts = [len(m["content"]) if isinstance(m, dict) and isinstance(m.get("content"), list) else 1
+                 for m in messages]
+        while sum(parts) > room and messages:
+            last = messages[-1]
+            if isinstance(last, dict) and isinstance(last.get("content"), list) and len(last["content"]) > 1:
+                last["content"].pop()
+                parts[-1] -= 1
+            else:
+                messages.pop()
+                parts.pop()
     if "query" in body:
         body["query"] = _item(body["query"], False)
     if isinstance(body.get("documents"), list):

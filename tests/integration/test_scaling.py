@@ -108,10 +108,10 @@ def wait_for(condition, timeout_s: float, what: str) -> float:
 
 
 # Fast autoscaling for a test: replicas report every 0.5 s, no upscale delay, down after 3 s without load, and
-# down to no replica at all. A request-count policy would keep one replica under load: `target_ongoing_requests`
-# is far above the requests sent.
+# down to no replica at all. (An encoder's `target_ongoing_requests` is refused: its policy scales on queued
+# items; only its cold start, before any replica reports, counts requests with Ray's default target.)
 FAST_AUTOSCALING = {"min_replicas": 0, "max_replicas": 2, "metrics_interval_s": 0.5, "look_back_period_s": 1.0,
-                    "upscale_delay_s": 0.0, "downscale_delay_s": 3.0, "target_ongoing_requests": 100}
+                    "upscale_delay_s": 0.0, "downscale_delay_s": 3.0}
 
 
 def test_encoder_pool_grows_on_queued_items_and_shrinks_after_without_failures(serve_url, tiny_model_dir):

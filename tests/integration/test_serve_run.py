@@ -14,6 +14,7 @@ import yaml
 
 from serve_app.processes import listeners, session_members, signal_session
 from serve_app.ray_env import NODE_PORTS, free_port, node_ports, one_machine_env, serve_env, small_cpu_env
+from tests.conftest import data_uri, encode, random_image
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -150,6 +151,13 @@ def test_serve_run_with_the_dev_config(tmp_path: Path, tiny_model_dir: Path):
         wait_healthy(url, process)
         response = requests.post(url + "/v1/embeddings", json={"input": "hello", "model": "tiny-clip"}, timeout=30)
         assert response.status_code == 200 and len(response.json()["data"][0]["embedding"]) == 32
+        # a big photo (a 7 MB PNG: 9.6 MB of base64) crosses the pools: Ray's gRPC default of 4 MiB per message
+        # between deployments is raised by deploy/ray-serve.env
+        photo = data_uri(encode(random_image(1800, 1300, seed=5)))
+        assert len(photo) > 8 * 1024 * 1024
+        response = requests.post(url + "/v1/embeddings", json={"input": [{"image": photo}], "model": "tiny-clip"},
+                                 timeout=120)
+        assert response.status_code == 200, response.text[:500]
         # deploy/ray-serve.env is in effect: HAProxy, not Serve's Python proxy, holds the HTTP port; and so is
         # deploy/ray-small-cpu.env: the replicas that run torch see its OpenMP settings
         assert serve_env()["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and listener_names(port) == {"haproxy"}

@@ -319,8 +319,11 @@ def test_requests_past_the_admission_bound_get_429_in_openai_shape_and_liveness_
     release = None
 
     async def held(scope, receive, send):
+        while (await receive()).get("more_body"):  # the whole body first: then the request counts
+            pass
         await release.wait()
-        await _reading_app(scope, receive, send)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
 
     async def scenario():
         nonlocal release
@@ -335,9 +338,42 @@ def test_requests_past_the_admission_bound_get_429_in_openai_shape_and_liveness_
         return refused, [await f for f in first], live_done, ingress.GUARD.in_flight
 
     (status, body, read), admitted, live_done, in_flight = asyncio.run(scenario())
-    assert status == 429 and read == 0 and body["error"]["type"] == "rate_limit_error"
+    assert status == 429 and body["error"]["type"] == "rate_limit_error"
     assert "overloaded" in body["error"]["message"]
     assert [a[0] for a in admitted] == [200, 200] and live_done and in_flight == 0
+
+
+def test_a_client_trickling_its_body_holds_no_place_in_admission(monkeypatch):
+    from serve_app import ingress
+
+    monkeypatch.setattr(ingress.GUARD, "api_keys", ())
+    monkeypatch.setattr(ingress.GUARD, "max_requests_in_flight", 1)
+    monkeypatch.setattr(ingress.GUARD, "in_flight", 0)
+    monkeypatch.setattr(ingress.GUARD, "body_read_timeout_s", 5.0)
+    monkeypatch.setattr(ingress.GUARD, "max_body_bytes", 10_000)
+
+    async def scenario():
+        stalled = asyncio.Event()
+
+        async def trickle():
+            await stalled.wait()  # never completes its body
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        from serve_app.ingress import EveryRequest
+
+        async def send(message):
+            pass
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "raw_path": b"/", "query_string": b"",
+                 "headers": [(b"content-length", b"5000")]}
+        slow = asyncio.ensure_future(EveryRequest(_reading_app)(scope, trickle, send))
+        await asyncio.sleep(0.05)
+        quick = await _call(_reading_app, {}, [b"{}"])
+        slow.cancel()
+        return quick
+
+    status, body, _ = asyncio.run(scenario())
+    assert status == 200 and body == {"read": 2}
 
 
 def test_the_admission_bound_defaults_to_three_quarters_of_the_ingress_queue():
@@ -345,3 +381,30 @@ def test_the_admission_bound_defaults_to_three_quarters_of_the_ingress_queue():
 
     assert _hardening(AppArgs(), 256)["max_requests_in_flight"] == 192
     assert _hardening(AppArgs(limits={"max_requests_in_flight": 10}), 256)["max_requests_in_flight"] == 10
+
+
+def test_a_png_far_larger_than_its_pixels_is_refused_before_its_chunks_are_read():
+    import struct
+    import zlib
+
+    from serve_app.imaging import check_png_size
+
+    raw = encode(random_image(4, 3, seed=1), "PNG")
+    chunk = struct.pack(">I", 0) + b"prVt" + struct.pack(">I", zlib.crc32(b"prVt"))
+    padded = raw[:33] + chunk * 400_000 + raw[33:]  # after IHDR: 4.8 MB of empty private chunks
+    with pytest.raises(InvalidRequest, match="PNG file") as info:
+        probe_image(padded, "input[0]", ImageLimits())
+    assert info.value.param == "input[0]"
+    check_png_size(raw, "input[0]")
+    check_png_size(encode(random_image(300, 200, seed=2), "PNG"), "input[0]")
+
+
+def test_texts_line_breaks_are_bounded_per_request():
+    limits = RequestLimits(max_request_text_lines=100)
+    check_request_budget([TextInput("a\nb\n" * 25, "input[0]")], limits)
+    with pytest.raises(InvalidRequest, match="line breaks") as info:
+        check_request_budget([TextInput("x", "input[0]"), TextInput("\n" * 101, "input[1]")], limits)
+    assert info.value.param == "input"
+    from serve_app.zero_shot import prompt_lines
+
+    assert prompt_lines(["a\nb", "c"], ("{}", "x\n{}")) == 2 * 1 + 2 * 1

@@ -95,3 +95,19 @@ def test_other_tokenizers_are_used_as_they_are():
 
     bounded = BoundedTokenizer(Other())
     assert not bounded.bounded and bounded(["a", "b"]).shape == (2, 77)
+
+
+def test_long_texts_of_many_lines_are_cleaned_from_a_prefix_with_the_same_tokens(tokenizers):
+    reference, bounded = tokenizers
+    rng = random.Random(3)
+    pieces = ["the", "Café", "&amp;", "<b>", "naïve", "漢字", "😀", "Ã©", "\x00", "\u200b", "line", "&lt;tag&gt;", "'s",
+              "3.14", "—", "\r\n", "\n", "\n\n", "Fish &amp;amp; chips"]
+    for _ in range(60):
+        text = " ".join(rng.choice(pieces) for _ in range(rng.randint(200, 3000)))
+        assert torch.equal(bounded([text]), reference([text])), text[:200]
+    calls = []
+    clean = bounded.inner.clean_fn
+    bounded.inner.clean_fn = lambda t: calls.append(len(t)) or clean(t)
+    bounded(["word " * 10 + "\n" + "more words\n" * 1500])
+    bounded.inner.clean_fn = clean
+    assert max(calls) < 5000  # a prefix of the 16,500 characters was enough for 77 tokens

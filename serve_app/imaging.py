@@ -123,31 +123,36 @@ def open_image(raw: bytes, param: str, limits: ImageLimits, draft_size: int | No
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# A still PNG holds at most 8 bytes a pixel of image data (16-bit RGBA, stored uncompressed); beyond that and a
-# few megabytes of metadata (ICC profiles, EXIF, text), a file is chunks that Pillow reads one by one in Python.
-PNG_BYTES_PER_PIXEL = 8
-PNG_METADATA_BYTES = 4 * 1024 * 1024
+# Chunks of a PNG other than its image data (IDAT, fdAT for APNG frames): a real file has a few dozen (text,
+# ICC, EXIF, timing); Pillow reads each in Python, so a file of a million empty ones takes it seconds.
+MAX_PNG_METADATA_CHUNKS = 512
+MAX_PNG_CHUNKS = 65_536
+_PIXEL_DATA = (b"IDAT", b"fdAT")
 
 
-def check_png_size(raw: bytes, param: str) -> None:
-    """A PNG's file size against its pixels, from its IHDR chunk, before Pillow reads its chunks (a 1x1 image in
-    20 MB of empty private chunks takes Pillow seconds). Animated PNGs (acTL before IDAT) may be larger."""
-    if not raw.startswith(PNG_SIGNATURE) or len(raw) < 24 or raw[12:16] != b"IHDR":
+def check_png_chunks(raw: bytes, param: str) -> None:
+    """Counts a PNG's chunks by their length fields, before Pillow reads them (at most MAX_PNG_CHUNKS steps)."""
+    if not raw.startswith(PNG_SIGNATURE):
         return
-    width, height = int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
-    idat = raw.find(b"IDAT")
-    if b"acTL" in raw[:idat if idat > 0 else 4096]:
-        return
-    if len(raw) > PNG_BYTES_PER_PIXEL * width * height + PNG_METADATA_BYTES:
-        raise InvalidRequest(
-            f"PNG file of {len(raw)} bytes for {width}x{height} pixels: more than its pixels and metadata can take",
-            param=param,
-        )
+    pos, chunks, metadata = len(PNG_SIGNATURE), 0, 0
+    while pos + 8 <= len(raw):
+        kind = raw[pos + 4 : pos + 8]
+        chunks += 1
+        metadata += kind not in _PIXEL_DATA
+        if metadata > MAX_PNG_METADATA_CHUNKS or chunks > MAX_PNG_CHUNKS:
+            raise InvalidRequest(
+                f"PNG has more than {MAX_PNG_METADATA_CHUNKS if metadata > MAX_PNG_METADATA_CHUNKS else MAX_PNG_CHUNKS}"
+                " chunks" + (" besides its image data" if metadata > MAX_PNG_METADATA_CHUNKS else ""),
+                param=param,
+            )
+        if kind == b"IEND":
+            return
+        pos += 12 + int.from_bytes(raw[pos : pos + 4], "big")
 
 
 def probe_image(raw: bytes, param: str, limits: ImageLimits) -> Image.Image:
     """Opens an image from its header alone (format allow-list, per-image pixel cap); nothing is decoded."""
-    check_png_size(raw, param)
+    check_png_chunks(raw, param)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -87,7 +87,9 @@ def refine(document: dict[str, Any], models: dict[str, int], max_text_chars: int
         request["properties"]["model"] = model
         request.setdefault("allOf", []).append(one_of_input)
     classify = schemas["ClassifyRequest"]
-    classify["properties"]["labels"] = _list({**_text(max_text_chars), "pattern": r"\S"}, LIST_LIMITS.labels)
+    # not blank: one character that is not whitespace as Python's str.isspace() has it (the server's check)
+    not_blank = r"[^\t-\r\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+    classify["properties"]["labels"] = _list({**_text(max_text_chars), "pattern": not_blank}, LIST_LIMITS.labels)
     # exactly one bare {}, every other brace doubled
     template = {"type": "string", "maxLength": max_template_chars,
                 "pattern": r"^([^{}]|\{\{|\}\})*\{\}([^{}]|\{\{|\}\})*$"}

@@ -78,6 +78,20 @@ def scan_bomb(repeats: int = 2000, size: int = 1024) -> bytes:
     return raw[:-2] + last_scan * repeats + b"\xff\xd9"
 
 
+def chunky_png(chunks: int = 80_000) -> bytes:
+    """A 4x3 PNG followed by empty private chunks: each costs Pillow a Python-level read."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 3), (1, 2, 3)).save(buffer, "PNG")
+    raw = buffer.getvalue()
+    chunk = struct.pack(">I", 0) + b"prVt" + struct.pack(">I", zlib.crc32(b"prVt"))
+    return raw[:33] + chunk * chunks + raw[33:]
+
+
 def corpus(model: str, limits: Limits, seed: int = 0) -> list[Hostile]:
     """One request of each class, sized to what the limits allow (a new random draw per seed)."""
     import base64
@@ -85,11 +99,15 @@ def corpus(model: str, limits: Limits, seed: int = 0) -> list[Hostile]:
     rng = random.Random(seed)
     dump = lambda body: json.dumps({"model": model, **body}).encode()  # noqa: E731
     body_room = min(limits.max_body_bytes, 4 * 1024 * 1024) - 1024
-    empty_objects = body_room // 3  # `{},`
+    empty_objects = body_room // 4  # `{}, `
     text = limits.max_text_chars
     template_chars = limits.max_template_chars - 2
     label_chars = max(1, min(text, 83))
     bomb = base64.b64encode(scan_bomb()).decode()
+    chunky = base64.b64encode(chunky_png(min(80_000, body_room // 20))).decode()
+    texts_in_budget = max(1, min(limits.max_inputs, 20))
+    huge_integers = b'{"model": "' + model.encode() + b'", "input": ["x"], "note": [' + b",".join(
+        [b"7" * 4000] * max(1, min(2000, body_room // 8000))) + b"]}"
     return [
         Hostile("validation-amplification", "/v1/embeddings", dump({"input": [{}] * empty_objects}), (413,)),
         Hostile("validation-at-the-count-limit", "/v1/embeddings", dump({"input": [{}] * limits.max_inputs}), (400,)),
@@ -97,7 +115,7 @@ def corpus(model: str, limits: Limits, seed: int = 0) -> list[Hostile]:
                 dump({"input": ["x"], "labels": [[]] * limits.max_labels}), (400,)),
         Hostile("documents-of-wrong-type", "/v1/rerank",
                 dump({"query": "q", "documents": [{}] * limits.max_inputs}), (400,)),
-        Hostile("token-id-array", "/v1/embeddings", dump({"input": [[7] * (body_room // 2)]}), (400, 413)),
+        Hostile("token-id-array", "/v1/embeddings", dump({"input": [[7] * (body_room // 3)]}), (400, 413)),
         Hostile("messages-many-parts", "/v1/embeddings",
                 dump({"messages": [{"content": [{"text": "a"}] * limits.max_inputs}] * 4}), (400,)),
         Hostile("jpeg-scan-bomb", "/v1/embeddings", dump({"input": [{"image": bomb}]}), (400,)),
@@ -111,6 +129,10 @@ def corpus(model: str, limits: Limits, seed: int = 0) -> list[Hostile]:
                                                  for _ in range(limits.max_templates)],
             "labels": ["".join(rng.choice(string.ascii_lowercase) for _ in range(label_chars))
                        for _ in range(limits.max_labels)]}), (400,)),
+        Hostile("blank-lines", "/v1/embeddings", dump({"input": ["\n" * text] * texts_in_budget}), (200, 400)),
+        Hostile("emoji-runs", "/v1/embeddings", dump({"input": ["\U0001F600" * text] * texts_in_budget}), (200, 400)),
+        Hostile("huge-integers", "/v1/embeddings", huge_integers, (400,)),
+        Hostile("png-of-empty-chunks", "/v1/embeddings", dump({"input": [{"image": chunky}]}), (400, 413)),
         Hostile("classify-every-score", "/v1/classify", dump({
             "input": [f"text {i}" for i in range(limits.max_inputs)],
             "labels": [f"label {i}" for i in range(limits.max_labels)]}), (200, 400)),

@@ -383,20 +383,21 @@ def test_the_admission_bound_defaults_to_three_quarters_of_the_ingress_queue():
     assert _hardening(AppArgs(limits={"max_requests_in_flight": 10}), 256)["max_requests_in_flight"] == 10
 
 
-def test_a_png_far_larger_than_its_pixels_is_refused_before_its_chunks_are_read():
+def test_a_png_of_many_metadata_chunks_is_refused_before_pillow_reads_them():
     import struct
     import zlib
 
-    from serve_app.imaging import check_png_size
+    from serve_app.imaging import check_png_chunks
 
     raw = encode(random_image(4, 3, seed=1), "PNG")
     chunk = struct.pack(">I", 0) + b"prVt" + struct.pack(">I", zlib.crc32(b"prVt"))
-    padded = raw[:33] + chunk * 400_000 + raw[33:]  # after IHDR: 4.8 MB of empty private chunks
-    with pytest.raises(InvalidRequest, match="PNG file") as info:
+    padded = raw[:33] + chunk * 80_000 + raw[33:]  # after IHDR: 80,000 empty private chunks, under 1 MB
+    with pytest.raises(InvalidRequest, match="chunks") as info:
         probe_image(padded, "input[0]", ImageLimits())
     assert info.value.param == "input[0]"
-    check_png_size(raw, "input[0]")
-    check_png_size(encode(random_image(300, 200, seed=2), "PNG"), "input[0]")
+    check_png_chunks(raw, "input[0]")
+    check_png_chunks(raw[:33] + chunk * 100 + raw[33:], "input[0]")  # a hundred text chunks: ordinary
+    probe_image(encode(random_image(300, 200, seed=2), "PNG", optimize=True), "input[0]", ImageLimits())
 
 
 def test_texts_line_breaks_are_bounded_per_request():

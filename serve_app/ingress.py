@@ -28,7 +28,7 @@ from serve_app.errors import (
 from serve_app.in_process import in_process_pools
 from serve_app import loop_lag
 from serve_app.inputs import check_count, check_request_budget, collect_inputs, input_from_item
-from serve_app.modeling import load_model_config
+from serve_app.modeling import get_tokenizer, load_model_config
 from serve_app.openapi import refine
 from serve_app.protocol import (
     ClassifyRequest,
@@ -399,7 +399,8 @@ class OpenAIIngress:
             )
             self._in_process = [handle.target for handle in encoders.values()]
         served = {
-            spec.name: ServedModel(spec.name, load_model_config(spec.model, spec.pretrained), encoders[spec.name])
+            spec.name: ServedModel(spec.name, load_model_config(spec.model, spec.pretrained), encoders[spec.name],
+                                   get_tokenizer(spec.model))
             for spec in models
         }
         self._service = ClipService(preprocessor, served, zero_shot)

@@ -77,6 +77,13 @@ async def all_or_nothing(jobs: list[Any]) -> list[Any]:
     return [task.result() for task in tasks]
 
 
+def tokenize(tokenizer: Any, texts: list[str]) -> TokenBatch:
+    """Token ids as open_clip makes them, with each text's real token count (for `usage`)."""
+    tokens = tokenizer(texts)
+    counts = (tokens != 0).sum(dim=1).tolist()
+    return TokenBatch(tokens=tokens, token_counts=[int(c) for c in counts])
+
+
 def stack_pixels(pixels: list[np.ndarray]) -> torch.Tensor:
     """(N, 3, H, W) uint8. Stacked by numpy, not torch: a torch copy this size would start an OpenMP team in
     the calling thread (see ClipEncoder.__init__)."""
@@ -132,9 +139,7 @@ class ModelPreprocessing:
         return stack_pixels([self.pixels_of(image, p) for image, p in zip(probed, params)])
 
     def texts(self, texts: list[str]) -> TokenBatch:
-        tokens = self.tokenizer(texts)
-        counts = (tokens != 0).sum(dim=1).tolist()
-        return TokenBatch(tokens=tokens, token_counts=[int(c) for c in counts])
+        return tokenize(self.tokenizer, texts)
 
 
 # Ray options come from the pool settings (serve_app/config.py, POOL_DEFAULTS), applied by build_app.

@@ -5,6 +5,7 @@
 
 import asyncio
 import base64
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,8 @@ from serve_app.config import ZeroShotSettings
 from serve_app.errors import InvalidRequest, ModelNotFound, pool_refusal
 from serve_app.inputs import ImageInput, Input, TextInput
 from serve_app.modeling import ModelConfig
+from serve_app.openmp import keep_torch_serial_on_this_thread
+from serve_app.preprocess import tokenize
 from serve_app.protocol import (
     Classification,
     ClassifyResponse,
@@ -29,6 +32,9 @@ from serve_app.protocol import (
 )
 from serve_app.zero_shot import LabelCache, classifier_vectors, prompts, zero_shot_scores
 
+# Texts of at most this many characters together are tokenized at the ingress (a millisecond or two at most).
+INLINE_TOKENIZE_CHARS = 8192
+
 # Inputs per call to the pools: big requests (a 80,000-prompt label set) are cut so that the pieces
 # pipeline through preprocessing and spread over encoder replicas.
 CHUNK = 1024
@@ -39,6 +45,7 @@ class ServedModel:
     name: str
     config: ModelConfig
     encoder: Any  # DeploymentHandle of this model's ClipEncoder
+    tokenizer: Any = None  # the model's bounded tokenizer, for texts tokenized at the ingress
 
 
 @dataclass(frozen=True)
@@ -127,7 +134,17 @@ class ClipService:
         return await _from_pool(model.encoder.embed_images.remote(pixels)), 0
 
     async def _embed_texts(self, model: ServedModel, texts: list[TextInput]) -> tuple[np.ndarray, int]:
-        batch = await _from_pool(self._preprocessor.texts.remote(model.name, [x.text for x in texts]))
+        """Texts of a few thousand characters together are tokenized here, on the event loop (tens of
+        microseconds a caption with the bounded tokenizer), and reach the encoder in one call; longer ones go
+        through the preprocessing pool, whose threads keep their cleaning off this loop."""
+        strings = [x.text for x in texts]
+        if model.tokenizer is not None and sum(map(len, strings)) <= INLINE_TOKENIZE_CHARS:
+            keep_torch_serial_on_this_thread()
+            start = time.perf_counter()
+            batch = tokenize(model.tokenizer, strings)
+            metrics.observe_preprocess("text", time.perf_counter() - start)
+        else:
+            batch = await _from_pool(self._preprocessor.texts.remote(model.name, strings))
         return await _from_pool(model.encoder.embed_texts.remote(batch.tokens)), sum(batch.token_counts)
 
     async def classifiers(

@@ -388,6 +388,22 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--out", default=None, help="JSON path (default bench-out/soak-<time>.json)")
     soak.set_defaults(func=cmd_soak)
 
+    cpu = sub.add_parser("cpu", help="the service's CPU per request (every process of it), both layouts side by "
+                         "side; JSON")
+    cpu.add_argument("--model", default=None, help="open_clip id (default: a tiny random model: the serving path)")
+    cpu.add_argument("--pretrained", default=None)
+    cpu.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the encoder")
+    cpu.add_argument("--layouts", default="pools,one-process")
+    cpu.add_argument("--payloads", default="text:1,text:16,image:1,image:8", help="KIND:ITEMS_PER_REQUEST,...")
+    cpu.add_argument("--concurrency", type=int, default=32)
+    cpu.add_argument("--duration", type=float, default=15.0)
+    cpu.add_argument("--warmup", type=float, default=3.0)
+    cpu.add_argument("--encoder-rate", type=float, default=10_000.0, help="items/s of one GPU, for cores per GPU")
+    cpu.add_argument("--app-args", default="{}", help="JSON merged over the service's args")
+    cpu.add_argument("--workdir", default="/tmp/clip-bench-cpu")
+    cpu.add_argument("--out", default=None, help="JSON path (default bench-out/cpu-<time>.json)")
+    cpu.set_defaults(func=cmd_cpu)
+
     hostile = sub.add_parser("hostile", help="the hostile corpus beside good traffic: per class statuses and worst "
                              "time, /livez, every replica's RSS before and after; JSON")
     _model_args(hostile)
@@ -479,6 +495,23 @@ def cmd_soak(args: argparse.Namespace) -> int:
     print(f"\nwrote {json_path}")
     errors = sum(load["error_count"] for load in report["load"].values())
     return 0 if errors == 0 else 1
+
+
+def cmd_cpu(args: argparse.Namespace) -> int:
+    from serve_app.bench.cpu import CpuSettings, cpu_table, run_cpu
+    from serve_app.bench.report import write_json
+
+    payloads = [(kind, int(items)) for kind, _, items in (p.partition(":") for p in _strs(args.payloads))]
+    settings = CpuSettings(model=args.model, pretrained=_pretrained(args.pretrained) if args.model else None,
+                           threads=args.threads, layouts=_strs(args.layouts), payloads=payloads,
+                           concurrency=args.concurrency, duration_s=args.duration, warmup_s=args.warmup,
+                           encoder_rate=args.encoder_rate, app_args=json.loads(args.app_args), workdir=args.workdir)
+    report = run_cpu(settings)
+    json_path, _ = _out_paths(args, "cpu")
+    write_json(json_path, report)
+    print(cpu_table(report))
+    print(f"\nwrote {json_path}")
+    return 0
 
 
 def cmd_hostile(args: argparse.Namespace) -> int:

@@ -148,7 +148,7 @@ def pool_refusal(exc: BaseException) -> ServeAppError | None:
 
 def _message_too_large(exc: BaseException) -> ServeAppError | None:
     """gRPC's refusal of a call between deployments larger than RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH."""
-    if any("RESOURCE_EXHAUSTED" in str(e) or "larger than max" in str(e) for e in _chain(exc)):
+    if any("Received message larger than max" in str(e) for e in _chain(exc)):
         return PayloadTooLarge("the request's data is larger than this service passes between its pools; send "
                                "fewer or smaller images per request")
     return None

@@ -90,6 +90,8 @@ def jpeg_scans(raw: bytes) -> int:
             break
         marker = raw[pos]
         pos += 1
+        if marker == 0x00:  # not a marker: libjpeg skips these bytes and reads on, so the walk resynchronises
+            continue
         if marker == 0xD9:
             break
         if marker in _STANDALONE:

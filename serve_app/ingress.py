@@ -279,7 +279,7 @@ class EveryRequest:
                 """Counts the request in flight once its body has arrived (a client trickling a body holds a
                 connection, not a place in admission); past the bound, 429 in OpenAI's shape."""
                 nonlocal admitted
-                if admitted or path in OPEN_ROUTES:
+                if admitted or path in OPEN_ROUTES or path == "/health":  # probes: answered whatever the load
                     return
                 if GUARD.in_flight >= GUARD.max_requests_in_flight:
                     raise TooManyInFlight("The server is overloaded: too many requests in flight. Retry after a moment.")

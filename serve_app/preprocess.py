@@ -36,11 +36,9 @@ from serve_app.modeling import (
     load_model_config,
 )
 from serve_app.openmp import keep_torch_serial_on_this_thread
+from serve_app.tokenizing import cheap_to_tokenize
 
 logger = logging.getLogger("ray.serve")
-
-# Texts of more characters than this together are tokenized in the decode threads, not on the event loop.
-TEXT_CHARS_INLINE = 8192
 
 
 @dataclass(frozen=True)
@@ -232,7 +230,7 @@ class Preprocessor:
         loop_lag.REPLICA_LOOP.ensure_started()
         preprocessing = self._model(model)
         start = time.perf_counter()
-        if sum(map(len, texts)) <= TEXT_CHARS_INLINE:
+        if cheap_to_tokenize(texts):
             batch = preprocessing.texts(texts)  # microseconds per text: not worth a thread hop
         else:  # long words cost open_clip's BPE quadratic time: keep the event loop answering meanwhile
             batch = await asyncio.get_running_loop().run_in_executor(self._pool, preprocessing.texts, texts)

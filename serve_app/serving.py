@@ -18,6 +18,7 @@ from serve_app.inputs import ImageInput, Input, TextInput
 from serve_app.modeling import ModelConfig
 from serve_app.openmp import keep_torch_serial_on_this_thread
 from serve_app.preprocess import tokenize
+from serve_app.tokenizing import cheap_to_tokenize
 from serve_app.protocol import (
     Classification,
     ClassifyResponse,
@@ -31,9 +32,6 @@ from serve_app.protocol import (
     Usage,
 )
 from serve_app.zero_shot import LabelCache, classifier_vectors, prompts, zero_shot_scores
-
-# Texts of at most this many characters together are tokenized at the ingress (a millisecond or two at most).
-INLINE_TOKENIZE_CHARS = 8192
 
 # Inputs per call to the pools: big requests (a 80,000-prompt label set) are cut so that the pieces
 # pipeline through preprocessing and spread over encoder replicas.
@@ -134,11 +132,11 @@ class ClipService:
         return await _from_pool(model.encoder.embed_images.remote(pixels)), 0
 
     async def _embed_texts(self, model: ServedModel, texts: list[TextInput]) -> tuple[np.ndarray, int]:
-        """Texts of a few thousand characters together are tokenized here, on the event loop (tens of
-        microseconds a caption with the bounded tokenizer), and reach the encoder in one call; longer ones go
-        through the preprocessing pool, whose threads keep their cleaning off this loop."""
+        """Short texts (`cheap_to_tokenize`: a few milliseconds at most) are tokenized here, on the event loop
+        (tens of microseconds a caption), and reach the encoder in one call; longer ones go through the
+        preprocessing pool, whose threads keep their cleaning off this loop."""
         strings = [x.text for x in texts]
-        if model.tokenizer is not None and sum(map(len, strings)) <= INLINE_TOKENIZE_CHARS:
+        if model.tokenizer is not None and cheap_to_tokenize(strings):
             keep_torch_serial_on_this_thread()
             start = time.perf_counter()
             batch = tokenize(model.tokenizer, strings)

@@ -9,8 +9,8 @@ BPE ranks (the tokenizer's own attributes) and changes only how much of that wor
 - Encoding stops once the context is full: every pre-token (a word, a digit, a punctuation run) yields at
   least one BPE token, and tokens past the context are cut by open_clip anyway, so the rest of the text
   cannot change the result.
-- Short words go through open_clip's own `bpe` and its cache, which is bounded (`BoundedCache`); long words
-  go through `merge_word`, the same merges in the same order in O(n log n), and are not cached.
+- Words go through `merge_word`, open_clip's merges in the same order in O(n log n) (its own `bpe` is quadratic
+  in a word's length); short ones are cached in a bounded cache (`BoundedCache`; open_clip's grows forever).
 
 Other tokenizers (Hugging Face ones, open_clip's reduction masks) are used as they are: their own code
 truncates.
@@ -18,33 +18,45 @@ truncates.
 
 import heapq
 from collections import OrderedDict
+from threading import Lock
 from typing import Any
 
 import torch
 
-# Words of at most this many byte-symbols use open_clip's `bpe` and its cache; longer ones `merge_word`.
+# Words of at most this many byte-symbols are cached once merged.
 CACHED_WORD_SYMBOLS = 64
+# Texts that `cheap_to_tokenize` lets a caller tokenize on its event loop.
+INLINE_CHARS = 1024
+INLINE_LINE_BREAKS = 16
 # Texts longer than this are cleaned from a prefix that ends at a line break (`BoundedTokenizer.encode`).
 PREFIX_CHARS = 2048
 # Words a tokenizer's cache keeps (each at most CACHED_WORD_SYMBOLS symbols, so well under a megabyte in all).
 DEFAULT_CACHE_WORDS = 20_000
 
 
-class BoundedCache(OrderedDict):
-    """open_clip's word cache with a size: the oldest word goes once `capacity` is passed. `pinned` words
-    (the special tokens, which open_clip's `bpe` must find here to leave them whole) are never dropped."""
+class BoundedCache:
+    """Words already merged, bounded: the oldest goes once `capacity` is passed. Read without a lock (a dict
+    lookup is atomic), written under one: the preprocessor tokenizes from several threads at once."""
 
-    def __init__(self, capacity: int, pinned: dict[str, str]) -> None:
-        self.capacity = max(capacity, len(pinned))
-        self.pinned = frozenset(pinned)
-        super().__init__(pinned)
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._words: OrderedDict[str, list[str]] = OrderedDict()
+        self._lock = Lock()
 
-    def __setitem__(self, key: str, value: str) -> None:
-        super().__setitem__(key, value)
-        while len(self) > self.capacity:
-            oldest, word = self.popitem(last=False)
-            if oldest in self.pinned:
-                super().__setitem__(oldest, word)
+    def get(self, word: str) -> list[str] | None:
+        return self._words.get(word)
+
+    def put(self, word: str, pieces: list[str]) -> None:
+        with self._lock:
+            self._words[word] = pieces
+            while len(self._words) > self.capacity:
+                self._words.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._words)
+
+    def __iter__(self):
+        return iter(list(self._words))
 
 
 def merge_word(token: str, ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -97,8 +109,9 @@ class BoundedTokenizer:
         self.context_length = tokenizer.context_length
         self.bounded = _is_simple_tokenizer(tokenizer)
         if self.bounded:
-            specials = {k: v for k, v in tokenizer.cache.items() if k == v}
-            tokenizer.cache = BoundedCache(cache_words, specials)
+            # open_clip's own cache holds the special tokens, which its `bpe` leaves whole; ours does the same.
+            self.specials = frozenset(k for k, v in tokenizer.cache.items() if k == v)
+            self.cache = BoundedCache(cache_words)
 
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
         if not self.bounded:
@@ -111,6 +124,18 @@ class BoundedTokenizer:
             tokens = [tok.sot_token_id, *self.encode(text, self.context_length - 2), tok.eot_token_id]
             result[row, : len(tokens)] = torch.tensor(tokens)
         return result
+
+    def _pieces(self, word: str) -> list[str]:
+        """A byte-encoded word's BPE symbols: `merge_word`, the same merges as open_clip's `bpe`, cached for
+        short words; special tokens whole, as open_clip's cache keeps them."""
+        if word in self.specials:
+            return [word]
+        pieces = self.cache.get(word)
+        if pieces is None:
+            pieces = merge_word(word, self.inner.bpe_ranks)
+            if len(word) <= CACHED_WORD_SYMBOLS:
+                self.cache.put(word, pieces)
+        return pieces
 
     def encode(self, text: str, max_tokens: int) -> list[int]:
         """The first `max_tokens` tokens of `tok.encode(text)`, cleaning and encoding no more of the text than
@@ -137,11 +162,17 @@ class BoundedTokenizer:
         tokens: list[int] = []
         for match in tok.pat.finditer(tok.clean_fn(text)):
             word = "".join(tok.byte_encoder[b] for b in match.group().encode("utf-8"))
-            pieces = tok.bpe(word).split(" ") if len(word) <= CACHED_WORD_SYMBOLS else merge_word(word, tok.bpe_ranks)
+            pieces = self._pieces(word)
             tokens.extend(tok.encoder[piece] for piece in pieces)
             if len(tokens) >= max_tokens:
                 return tokens[:max_tokens]
         return tokens
+
+
+def cheap_to_tokenize(texts: list[str]) -> bool:
+    """Whether tokenizing `texts` takes at most a few milliseconds of an event loop: few characters (a long
+    emoji run merges 4 byte-symbols a character) and few line breaks (cleaning costs per line)."""
+    return sum(map(len, texts)) <= INLINE_CHARS and sum(t.count("\n") for t in texts) <= INLINE_LINE_BREAKS
 
 
 def _is_simple_tokenizer(tokenizer: Any) -> bool:

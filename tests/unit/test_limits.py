@@ -308,6 +308,11 @@ def test_jpeg_scans_are_counted_from_segments_and_bounded_before_decoding():
         probe_image(bomb, "input[2]", ImageLimits())
     assert info.value.param == "input[2]"
     probe_image(scan_bomb(50), "input[0]", ImageLimits())  # 60 scans: within the default of 64
+    # FF 00 where a marker is due is no marker: libjpeg skips it and reads on, so the walk must too (a "length"
+    # after it would have hidden the scans it jumped over)
+    first_scan = bomb.find(b"\xff\xda")
+    hidden = bomb[:first_scan] + b"\xff\x00\xff\xff" + bomb[first_scan:]
+    assert jpeg_scans(hidden) == 2010
 
 
 def test_requests_past_the_admission_bound_get_429_in_openai_shape_and_liveness_still_answers(monkeypatch):

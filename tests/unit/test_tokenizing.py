@@ -58,32 +58,43 @@ def test_merge_word_equals_open_clips_bpe_on_random_words():
         assert merge_word(word, tokenizer.bpe_ranks) == tokenizer.bpe(word).split(" "), text
 
 
-def test_the_word_cache_stays_bounded_and_keeps_the_special_tokens():
+def test_the_word_cache_stays_bounded_and_special_tokens_stay_whole():
     tokenizer = BoundedTokenizer(open_clip.tokenizer.SimpleTokenizer(), cache_words=100)
     rng = random.Random(1)
     for _ in range(50):
         tokenizer([" ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(8)) for _ in range(60))])
-    cache = tokenizer.inner.cache
+    cache = tokenizer.cache
     assert isinstance(cache, BoundedCache) and len(cache) <= 100
-    assert {"<start_of_text>", "<end_of_text>"} <= set(cache)
     assert all(len(word) <= CACHED_WORD_SYMBOLS for word in cache)
+    assert len(tokenizer.inner.cache) == 2  # open_clip's own cache (its special tokens) is never written to
     reference = open_clip.tokenizer.SimpleTokenizer()
-    assert torch.equal(tokenizer(["<start_of_text> hi"]), reference(["<start_of_text> hi"]))
+    for text in ["<start_of_text> hi", "a <end_of_text> b <START_OF_TEXT>"]:
+        assert torch.equal(tokenizer([text]), reference([text]))
 
 
-def test_degenerate_texts_cost_bounded_work():
-    """One 20,000-letter word (minutes in open_clip's BPE) and 16,000 characters without a space: tokenizing
-    does a bounded amount of work, counted here as BPE merges, not timed."""
+def test_degenerate_texts_cost_bounded_work(monkeypatch):
+    """One 20,000-letter word (minutes in open_clip's BPE), 16,000 characters without a space and a text of
+    8,000 words: the symbols merged stay within each text's own length, and the long text stops at its 75th
+    word; counted, not timed."""
+    import serve_app.tokenizing as tokenizing
+
+    merged = []
+    merge = tokenizing.merge_word
+    monkeypatch.setattr(tokenizing, "merge_word", lambda word, ranks: merged.append(len(word)) or merge(word, ranks))
     tokenizer = BoundedTokenizer(open_clip.tokenizer.SimpleTokenizer())
-    calls = []
-    inner_bpe = tokenizer.inner.bpe
-    tokenizer.inner.bpe = lambda word: calls.append(word) or inner_bpe(word)
     rng = random.Random(2)
     word = "".join(rng.choice(string.ascii_lowercase) for _ in range(20_000))
     tokens = tokenizer([word, "漢" * 16_000, "a " * 8000])
     assert tokens.shape == (3, 77) and bool((tokens[:, -1] == tokenizer.inner.eot_token_id).all())
-    # long words never reach open_clip's quadratic BPE; a text of 8,000 words stops at its 75th
-    assert all(len(w) <= CACHED_WORD_SYMBOLS for w in calls) and len(calls) <= 75
+    assert sorted(merged, reverse=True)[:2] == [48_000, 20_000] and len(merged) <= 2 + 1  # "a" merged once
+
+
+def test_what_an_event_loop_may_tokenize_itself():
+    from serve_app.tokenizing import cheap_to_tokenize
+
+    assert cheap_to_tokenize(["a photo of a cat"] * 16)
+    assert not cheap_to_tokenize(["\n" * 100])
+    assert not cheap_to_tokenize(["x" * 2000])
 
 
 def test_other_tokenizers_are_used_as_they_are():

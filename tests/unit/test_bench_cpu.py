@@ -3,20 +3,29 @@
 import os
 import subprocess
 import sys
-import time
 
 from serve_app.bench.cpu import cpu_table, tree_cpu_s
 
 
+BURN = """
+import sys, time
+while time.process_time() < 0.5:
+    pass
+print("burnt", flush=True)
+sys.stdin.read()
+"""
+
+
 def test_the_cpu_of_a_process_tree_counts_its_children():
-    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.0\nwhile time.time() < end: pass"])
+    """A child that spends 0.5 s of CPU (its own clock, not the wall's) while this process waits."""
+    before = tree_cpu_s(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", BURN], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        before = tree_cpu_s(os.getpid())
-        time.sleep(0.9)
+        assert child.stdout.readline().strip() == "burnt"
         spent = tree_cpu_s(os.getpid()) - before
     finally:
-        child.wait()
-    assert spent >= 0.3  # the busy child's CPU, though this process slept
+        child.communicate("")
+    assert spent >= 0.5
 
 
 def test_the_table_gives_each_row_and_the_ratio_of_the_layouts():

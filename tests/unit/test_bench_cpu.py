@@ -25,7 +25,7 @@ def test_the_cpu_of_a_process_tree_counts_its_children():
         spent = tree_cpu_s(os.getpid()) - before
     finally:
         child.communicate("")
-    assert spent >= 0.5
+    assert spent >= 0.45  # /proc counts in clock ticks (10 ms)
 
 
 def test_the_table_gives_each_row_and_the_ratio_of_the_layouts():

@@ -27,7 +27,7 @@ from serve_app.errors import (
 )
 from serve_app.in_process import in_process_pools
 from serve_app import loop_lag
-from serve_app.inputs import check_count, check_request_budget, collect_inputs, input_from_item
+from serve_app.inputs import check_request_budget, collect_inputs, input_from_item
 from serve_app.modeling import get_tokenizer, load_model_config
 from serve_app.openapi import refine
 from serve_app.protocol import (
@@ -282,7 +282,8 @@ class EveryRequest:
                 if admitted or path in OPEN_ROUTES or path == "/health":  # probes: answered whatever the load
                     return
                 if GUARD.in_flight >= GUARD.max_requests_in_flight:
-                    raise TooManyInFlight("The server is overloaded: too many requests in flight. Retry after a moment.")
+                    raise TooManyInFlight(
+                        "The server is overloaded: too many requests in flight. Retry after a moment.")
                 GUARD.in_flight += 1
                 admitted = True
 
@@ -464,7 +465,6 @@ class OpenAIIngress:
     async def rerank(self, request: RerankRequest) -> Response:
         """Documents (text or images) ordered by cosine similarity to the query (text or image)."""
         model = self._service.model(request.model)
-        check_count(len(request.documents), self._max_inputs, "documents")
         query = input_from_item(request.query, "query", url_policy=self._url_policy)
         documents = [
             input_from_item(d, f"documents[{i}]", url_policy=self._url_policy) for i, d in enumerate(request.documents)

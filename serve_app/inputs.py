@@ -8,7 +8,7 @@ from typing import Protocol
 
 from serve_app.config import ImageURLPolicy, RequestLimits
 from serve_app.errors import InvalidRequest, PayloadTooLarge
-from serve_app.protocol import (  # noqa: F401  (check_count: used by importers)
+from serve_app.protocol import (
     ChatMessage,
     ImagePart,
     InputItem,
@@ -46,7 +46,6 @@ TOKEN_IDS_MESSAGE = (
     "token-id arrays are not supported: this server embeds text and images, so send text as strings "
     "(CLIP tokenizes them itself)"
 )
-
 
 
 def is_url(value: str) -> bool:

@@ -66,7 +66,7 @@ def refine(document: dict[str, Any], models: dict[str, int], max_text_chars: int
     schemas.update(_objects(max_text_chars))
     items = _items(max_text_chars)
     inputs = {"anyOf": [_text(max_text_chars), _list(items, LIST_LIMITS.inputs)],
-              "description": "texts, or images as input objects (with modality 'image', strings are " + IMAGE_NOTE + ")"}
+              "description": f"texts, or images as input objects (with modality 'image', strings are {IMAGE_NOTE})"}
     model = {"anyOf": [{"type": "string", "enum": list(models)}, {"type": "null"}],
              "description": "a served model (GET /v1/models); omitted or null: the first"}
     message = schemas["ChatMessage"]
@@ -76,8 +76,12 @@ def refine(document: dict[str, Any], models: dict[str, int], max_text_chars: int
                 "maxItems": LIST_LIMITS.inputs,
                 "description": "vLLM's dialect; all messages' content parts count against the inputs' limit"}
     # exactly one of `input` and `messages`, the other absent or null
-    absent = lambda key: {"anyOf": [{"not": {"required": [key]}}, {"properties": {key: {"type": "null"}}}]}  # noqa: E731
-    present = lambda key: {"required": [key], "properties": {key: {"not": {"type": "null"}}}}  # noqa: E731
+    def absent(key: str) -> dict[str, Any]:
+        return {"anyOf": [{"not": {"required": [key]}}, {"properties": {key: {"type": "null"}}}]}
+
+    def present(key: str) -> dict[str, Any]:
+        return {"required": [key], "properties": {key: {"not": {"type": "null"}}}}
+
     one_of_input = {"anyOf": [{"allOf": [present("input"), absent("messages")]},
                               {"allOf": [present("messages"), absent("input")]}]}
     for name in ("EmbeddingRequest", "ClassifyRequest"):
@@ -100,8 +104,8 @@ def refine(document: dict[str, Any], models: dict[str, int], max_text_chars: int
     classify["properties"]["top_k"] = {"type": ["integer", "null"], "minimum": 1}
     embeddings = schemas["EmbeddingRequest"]
     embeddings["properties"]["dimensions"] = {
-        "type": ["integer", "null"], "description": "only the chosen model's own embedding size (CLIP vectors cannot be "
-        "cut)"}
+        "type": ["integer", "null"],
+        "description": "only the chosen model's own embedding size (CLIP vectors cannot be cut)"}
     # `dimensions`, when set, is the size of the model named (or of the first, when none is)
     first = next(iter(models))
     size_of = [{"properties": {"model": {"const": name}, "dimensions": {"enum": [size, None]}},

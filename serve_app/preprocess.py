@@ -232,7 +232,7 @@ class Preprocessor:
         start = time.perf_counter()
         if cheap_to_tokenize(texts):
             batch = preprocessing.texts(texts)  # microseconds per text: not worth a thread hop
-        else:  # long words cost open_clip's BPE quadratic time: keep the event loop answering meanwhile
+        else:  # cleaning costs per character and per line: keep the event loop answering meanwhile
             batch = await asyncio.get_running_loop().run_in_executor(self._pool, preprocessing.texts, texts)
         metrics.observe_preprocess("text", time.perf_counter() - start)
         return batch

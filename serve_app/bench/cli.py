@@ -54,6 +54,13 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch intra-op threads")
 
 
+def _server_run_args(parser: argparse.ArgumentParser, mode: str) -> None:
+    """What a mode that starts our service takes: its args, its working directory and where the JSON goes."""
+    parser.add_argument("--app-args", default="{}", help="JSON merged over the service's args")
+    parser.add_argument("--workdir", default=f"/tmp/clip-bench-{mode}")
+    parser.add_argument("--out", default=None, help=f"JSON path (default bench-out/{mode}-<time>.json)")
+
+
 def _load_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=15.0, help="measurement window per level, seconds")
     parser.add_argument("--warmup", type=float, default=3.0, help="load before each window, seconds (not counted)")
@@ -383,9 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--warmup", type=float, default=60.0, help="seconds of load before memory counts")
     soak.add_argument("--concurrency", type=int, default=2, help="closed-loop clients per modality (image, text)")
     soak.add_argument("--sample-s", type=float, default=15.0, help="seconds between RSS samples")
-    soak.add_argument("--app-args", default="{}", help="JSON merged over the service's args")
-    soak.add_argument("--workdir", default="/tmp/clip-bench-soak")
-    soak.add_argument("--out", default=None, help="JSON path (default bench-out/soak-<time>.json)")
+    _server_run_args(soak, "soak")
     soak.set_defaults(func=cmd_soak)
 
     cpu = sub.add_parser("cpu", help="the service's CPU per request (every process of it), both layouts side by "
@@ -399,9 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     cpu.add_argument("--duration", type=float, default=15.0)
     cpu.add_argument("--warmup", type=float, default=3.0)
     cpu.add_argument("--encoder-rate", type=float, default=10_000.0, help="items/s of one GPU, for cores per GPU")
-    cpu.add_argument("--app-args", default="{}", help="JSON merged over the service's args")
-    cpu.add_argument("--workdir", default="/tmp/clip-bench-cpu")
-    cpu.add_argument("--out", default=None, help="JSON path (default bench-out/cpu-<time>.json)")
+    _server_run_args(cpu, "cpu")
     cpu.set_defaults(func=cmd_cpu)
 
     hostile = sub.add_parser("hostile", help="the hostile corpus beside good traffic: per class statuses and worst "
@@ -410,9 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     hostile.add_argument("--requests", type=int, default=1000, help="hostile requests after one warm-up round")
     hostile.add_argument("--concurrency", type=int, default=6, help="hostile requests in flight")
     hostile.add_argument("--good-clients", type=int, default=2, help="closed-loop clients of good requests")
-    hostile.add_argument("--app-args", default="{}", help="JSON merged over the service's args")
-    hostile.add_argument("--workdir", default="/tmp/clip-bench-hostile")
-    hostile.add_argument("--out", default=None, help="JSON path (default bench-out/hostile-<time>.json)")
+    _server_run_args(hostile, "hostile")
     hostile.set_defaults(func=cmd_hostile)
 
     compare = sub.add_parser("compare", help="bare vs our service vs the naive server vs infinity-emb, one run")

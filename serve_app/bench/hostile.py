@@ -26,9 +26,6 @@ from typing import Any
 
 import numpy as np
 
-REPLICA_MARK = "ServeReplica:"
-
-
 @dataclass(frozen=True)
 class Limits:
     """The limits of the app under test that the corpus aims at (its `build_app` args)."""
@@ -162,8 +159,8 @@ class ClassResult:
 def run_corpus(base_url: str, model: str, limits: Limits, settings: HostileSettings,
                rss: Any = None) -> dict[str, Any]:
     """Sends `settings.requests` hostile requests (the classes in turn, fresh random draws) with good
-    clients and a `/livez` probe running beside them. `rss()`, if given, returns {pid: (replica, MiB)} of
-    the replicas: read after one warm-up round of every class and again at the end."""
+    clients and a `/livez` probe running beside them. `rss()`, if given, returns the replicas' RSS
+    (`report.replica_rss`): read after one warm-up round of every class and again at the end."""
     import httpx
 
     classes = [h.name for h in corpus(model, limits)]
@@ -263,25 +260,14 @@ def run_corpus(base_url: str, model: str, limits: Limits, settings: HostileSetti
     if probe_times:
         probe["p50_s"], probe["p99_s"] = (round(float(v), 4) for v in np.percentile(probe_times, [50, 99]))
     after = rss() if rss else {}
-    memory = [
-        {"replica": before[pid][0], "pid": int(pid), "before_mib": before[pid][1], "after_mib": after[pid][1],
-         "growth": round(after[pid][1] / before[pid][1] - 1, 4)}
-        for pid in sorted(before) if pid in after
-    ]
+    memory = []
+    for pid in sorted(set(before) & set(after)):
+        first, last = before[pid]["rss_mib"], after[pid]["rss_mib"]
+        memory.append({"replica": before[pid]["replica"], "pid": int(pid), "before_mib": first, "after_mib": last,
+                       "growth": round(last / first - 1, 4)})
     return {"wall_s": round(wall_s, 1), "classes": {k: asdict(v) for k, v in results.items()},
             "good": good, "livez": probe, "memory": memory,
             "replicas_gone": sorted(set(before) - set(after))}
-
-
-def replica_rss_of_tree(root_pid: int) -> dict[str, tuple[str, float]]:
-    """{pid: (replica name, RSS MiB)} of every Serve replica process under `root_pid`."""
-    from serve_app.bench.report import tree_rss
-
-    rows = {}
-    for row in tree_rss(root_pid):
-        if REPLICA_MARK in row["cmd"]:
-            rows[str(row["pid"])] = (row["cmd"].split(REPLICA_MARK, 1)[1].split()[0], row["rss_mib"])
-    return rows
 
 
 def hostile_table(report: dict[str, Any]) -> str:
@@ -310,7 +296,7 @@ def run_hostile(model: str, pretrained: str | None, threads: int, settings: Host
     """Starts our service (`serve run`, the three pools) and runs the corpus against it."""
     from serve_app.bench.compare import CompareSettings, our_app_args
     from serve_app.bench.payloads import TextPayload
-    from serve_app.bench.report import machine_info
+    from serve_app.bench.report import machine_info, replica_rss
     from serve_app.bench.servers import OurServer
 
     args = our_app_args(CompareSettings(model=model, pretrained=pretrained, threads=threads, app_args=app_args))
@@ -318,6 +304,6 @@ def run_hostile(model: str, pretrained: str | None, threads: int, settings: Host
     with server:
         server.wait_ready(TextPayload(model=args["served_model_name"]).prepare(), 600)
         report = run_corpus(server.base_url, args["served_model_name"], Limits.of(args), settings,
-                            rss=lambda: replica_rss_of_tree(server.process.pid))
+                            rss=lambda: replica_rss(server.process.pid))
     return {"tool": "clip-bench hostile", "settings": asdict(settings), "app_args": args,
             "machine": machine_info(), **report}

@@ -151,6 +151,19 @@ def tree_rss(pid: int) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: -r["rss_mib"])
 
 
+REPLICA_MARK = "ServeReplica:"  # what a Serve replica's process title holds before its app:deployment
+
+
+def replica_rss(root_pid: int) -> dict[str, dict[str, Any]]:
+    """RSS (MiB) of each Serve replica process under `root_pid`, keyed by pid, with its app:deployment name."""
+    rows = {}
+    for row in tree_rss(root_pid):
+        cmd = row["cmd"]
+        if REPLICA_MARK in cmd:
+            rows[str(row["pid"])] = {"replica": cmd.split(REPLICA_MARK, 1)[1].split()[0], "rss_mib": row["rss_mib"]}
+    return rows
+
+
 # ------------------------------------------------------------------ text tables
 
 

@@ -18,9 +18,6 @@ from typing import Any
 from serve_app.bench.compare import CompareSettings, our_app_args
 from serve_app.bench.servers import OurServer
 
-REPLICA_MARK = "ServeReplica:"
-
-
 @dataclass
 class SoakSettings:
     model: str = "ViT-B-32"
@@ -34,21 +31,10 @@ class SoakSettings:
     workdir: str = "/tmp/clip-bench-soak"
 
 
-def replica_rss(server: OurServer) -> dict[str, dict[str, Any]]:
-    """RSS (MiB) of each Serve replica process of the server, keyed by pid."""
-    rows = {}
-    for row in server.rss():
-        cmd = row["cmd"]
-        if REPLICA_MARK in cmd:
-            name = cmd.split(REPLICA_MARK, 1)[1].split()[0]
-            rows[str(row["pid"])] = {"replica": name, "rss_mib": row["rss_mib"]}
-    return rows
-
-
 def run_soak(settings: SoakSettings) -> dict[str, Any]:
     from serve_app.bench.loadgen import Level, LoadSettings, run_load
     from serve_app.bench.payloads import ImagePayload, TextPayload
-    from serve_app.bench.report import machine_info
+    from serve_app.bench.report import machine_info, replica_rss
 
     args = our_app_args(CompareSettings(model=settings.model, pretrained=settings.pretrained,
                                         threads=settings.threads, app_args=settings.app_args))
@@ -71,7 +57,7 @@ def run_soak(settings: SoakSettings) -> dict[str, Any]:
         for client in clients:
             client.start()
         while any(client.is_alive() for client in clients):
-            samples.append({"t": round(time.time() - start, 1), "replicas": replica_rss(server)})
+            samples.append({"t": round(time.time() - start, 1), "replicas": replica_rss(server.process.pid)})
             time.sleep(settings.sample_s)
         for client in clients:
             client.join()

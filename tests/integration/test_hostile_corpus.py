@@ -4,7 +4,8 @@ ingress's event loop answering `/livez` throughout, and no replica's memory grow
 
 import os
 
-from serve_app.bench.hostile import HostileSettings, Limits, hostile_table, replica_rss_of_tree, run_corpus
+from serve_app.bench.hostile import HostileSettings, Limits, hostile_table, run_corpus
+from serve_app.bench.report import replica_rss
 from tests.conftest import TINY_NAME, app_args, driver_handle
 
 BOUND_S = 15.0  # a shared 2-core machine; the classes' own worst times are in the report (BENCHMARKS.md)
@@ -17,7 +18,7 @@ def test_hostile_corpus_beside_good_traffic(serve_url, tiny_model_dir, second_mo
     for handle in loops.values():
         handle.loop_lag.remote(reset=True).result()
     report = run_corpus(serve_url, TINY_NAME, limits, HostileSettings(requests=1000, concurrency=6),
-                        rss=lambda: replica_rss_of_tree(os.getpid()))
+                        rss=lambda: replica_rss(os.getpid()))
     print(hostile_table(report))
     lags = {name: handle.loop_lag.remote().result() for name, handle in loops.items()}
     print("event loop lag:", lags)

@@ -303,7 +303,7 @@ class RequestLimits(StrictModel):
     max_request_text_chars: int = Field(
         default=262_144, ge=1,
         description="characters of all texts and labels of one request together (ImageNet's 1,000 class names "
-        "are ~15,000): bounds one request's tokenizing to about a second of a core even in 4-byte characters",
+        "are ~15,000): bounds one request's tokenizing to seconds of a core at worst, in 4-byte characters",
     )
     max_request_text_lines: int = Field(
         default=20_000, ge=1,

@@ -1,0 +1,1 @@
+"""Multi-tenancy: API keys, rate limits, usage metering and credit."""

@@ -1,0 +1,1 @@
+"""Alembic migrations of the usage and credit tables, run programmatically by `UsageStore.start`."""

@@ -19,6 +19,7 @@ import logging
 import math
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -179,6 +180,19 @@ def _upgrade_to_head(connection: sa.Connection) -> None:
     command.upgrade(config, "head")
 
 
+_alembic_locks: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]" = weakref.WeakKeyDictionary()
+
+
+def _alembic_lock() -> asyncio.Lock:
+    """Alembic keeps its `context` and `op` as module globals: two upgrades at once in one process (two stores,
+    even of two databases) would mix their state. One upgrade at a time per event loop."""
+    loop = asyncio.get_running_loop()
+    lock = _alembic_locks.get(loop)
+    if lock is None:
+        lock = _alembic_locks[loop] = asyncio.Lock()
+    return lock
+
+
 def _backoff_s(failures: int) -> float:
     return min(_BACKOFF_CAP_S, _BACKOFF_FIRST_S * 2 ** (failures - 1))
 
@@ -226,7 +240,6 @@ class UsageStore:
         self._engine: AsyncEngine | None = None
         self._task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
-        self._migrate_lock: asyncio.Lock | None = None
         self._migrated = False
         self._closing = False
         self._closed = False
@@ -272,7 +285,6 @@ class UsageStore:
             return
         self._engine = _create_engine(self._url, self._timeout_s)
         self._wakeup = asyncio.Event()
-        self._migrate_lock = asyncio.Lock()
         try:
             await asyncio.wait_for(self._ensure_migrated(), self._timeout_s)
         except Exception as exc:  # the database is down or slow: keep going, the flusher retries
@@ -406,8 +418,8 @@ class UsageStore:
         self._healthy = False
 
     async def _ensure_migrated(self) -> None:
-        assert self._engine is not None and self._migrate_lock is not None
-        async with self._migrate_lock:
+        assert self._engine is not None
+        async with _alembic_lock():
             if self._migrated:
                 return
             async with self._engine.connect() as conn:

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from alembic import command
@@ -130,22 +130,36 @@ def _count(value: object, high: int = _MAX_BIGINT) -> int:
     return min(max(int(value), 0), high)  # type: ignore[call-overload]
 
 
-def _row(rec: UsageRecord) -> dict[str, Any]:
+class _Row(NamedTuple):
+    """A spooled record as the table has it; a tuple, so a full spool of 100,000 holds some 35 MB, not 100."""
+
+    request_id: str
+    key_id: str
+    model: str
+    route: str
+    input_tokens: int
+    images: int
+    status: int
+    cost_micro_usd: int
+    created_at_us: int
+
+
+def _row(rec: UsageRecord) -> _Row:
     created = float(rec.created_at)
     if not math.isfinite(created):
         created = time.time()
-    return {
+    return _Row(
         # A record without an id is still usage: it gets one of its own (and no idempotency).
-        "request_id": _text(rec.request_id) or f"gen-{uuid.uuid4().hex}",
-        "key_id": _text(rec.key_id),
-        "model": _text(rec.model),
-        "route": _text(rec.route),
-        "input_tokens": _count(rec.input_tokens),
-        "images": _count(rec.images),
-        "status": _count(rec.status, 999),
-        "cost_micro_usd": _count(rec.cost_micro_usd),
-        "created_at_us": _count(round(created * 1_000_000)),
-    }
+        request_id=_text(rec.request_id) or f"gen-{uuid.uuid4().hex}",
+        key_id=_text(rec.key_id),
+        model=_text(rec.model),
+        route=_text(rec.route),
+        input_tokens=_count(rec.input_tokens),
+        images=_count(rec.images),
+        status=_count(rec.status, 999),
+        cost_micro_usd=_count(rec.cost_micro_usd),
+        created_at_us=_count(round(created * 1_000_000)),
+    )
 
 
 # ---------------------------------------------------------------- engine and migrations
@@ -240,13 +254,14 @@ class UsageStore:
         self._engine: AsyncEngine | None = None
         self._task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
+        self._flush_lock: asyncio.Lock | None = None  # one writer of the spool at a time
         self._migrated = False
         self._closing = False
         self._closed = False
         self._healthy = True
 
         # The spool: (sequence number, row), oldest first. A batch in flight stays in it until committed.
-        self._spool: deque[tuple[int, dict[str, Any]]] = deque()
+        self._spool: deque[tuple[int, _Row]] = deque()
         self._seq = 0
         self._pending: dict[str, int] = {}  # key_id -> cost of its spooled rows
         self._dropped = 0
@@ -285,6 +300,7 @@ class UsageStore:
             return
         self._engine = _create_engine(self._url, self._timeout_s)
         self._wakeup = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
         try:
             await asyncio.wait_for(self._ensure_migrated(), self._timeout_s)
         except Exception as exc:  # the database is down or slow: keep going, the flusher retries
@@ -321,8 +337,8 @@ class UsageStore:
                 self._drop_oldest()
             self._seq += 1
             self._spool.append((self._seq, row))
-            if row["cost_micro_usd"]:
-                self._pending[row["key_id"]] = self._pending.get(row["key_id"], 0) + row["cost_micro_usd"]
+            if row.cost_micro_usd:
+                self._pending[row.key_id] = self._pending.get(row.key_id, 0) + row.cost_micro_usd
             if len(self._spool) >= self._batch_size and self._wakeup is not None:
                 self._wakeup.set()
         except Exception:  # a bad record must not fail the request it describes
@@ -340,14 +356,13 @@ class UsageStore:
             logger.error("usage spool full (%d records, database unavailable?): dropping the oldest; %d dropped "
                          "so far", self._max_spool, self._dropped)
 
-    def _unpend(self, row: dict[str, Any]) -> None:
-        cost = row["cost_micro_usd"]
-        if cost:
-            left = self._pending.get(row["key_id"], 0) - cost
+    def _unpend(self, row: _Row) -> None:
+        if row.cost_micro_usd:
+            left = self._pending.get(row.key_id, 0) - row.cost_micro_usd
             if left > 0:
-                self._pending[row["key_id"]] = left
+                self._pending[row.key_id] = left
             else:
-                self._pending.pop(row["key_id"], None)
+                self._pending.pop(row.key_id, None)
 
     # ------------------------------------------------------------ the flusher
 
@@ -360,7 +375,7 @@ class UsageStore:
                 await self._wait_for_work()
             if self._closing and not self._spool:
                 return
-            failures = 0 if await self._flush() else failures + 1
+            failures = 0 if await self.flush() else failures + 1
 
     async def _wait_for_work(self) -> None:
         assert self._wakeup is not None
@@ -372,8 +387,15 @@ class UsageStore:
         except asyncio.TimeoutError:
             pass
 
+    async def flush(self) -> bool:
+        """Writes the spool now, batch by batch (the flusher does this on its own); False at the first failure,
+        whose rows stay first in the spool for the next try."""
+        if self._flush_lock is None:
+            raise RuntimeError("the usage store is not running: start() it first")
+        async with self._flush_lock:
+            return await self._flush()
+
     async def _flush(self) -> bool:
-        """Writes the spool batch by batch; False at the first failure, whose rows stay first in the spool."""
         try:
             if not self._migrated:
                 await asyncio.wait_for(self._ensure_migrated(), self._timeout_s)
@@ -392,7 +414,7 @@ class UsageStore:
         last_seq = batch[-1][0]
         self._inflight_last, self._dropped_inflight = last_seq, 0
         try:
-            await asyncio.wait_for(self._write([row for _, row in batch]), self._timeout_s)
+            await asyncio.wait_for(self._write([row._asdict() for _, row in batch]), self._timeout_s)
             while self._spool and self._spool[0][0] <= last_seq:
                 self._unpend(self._spool.popleft()[1])
             self._dropped -= self._dropped_inflight  # dropped from the spool, written all the same

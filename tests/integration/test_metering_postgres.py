@@ -199,7 +199,7 @@ def test_usage_buckets_on_postgres_equal_what_was_recorded(pg_url: str) -> None:
         await store.start()
         for r in records:
             store.record(r)
-        await store._flush()
+        await store.flush()
         assert await fetch(pg_url, "SELECT count(*) FROM usage_records") == [(600,)]
         end = T0 + 2 * 86400 + 3600
         for width_name, width, limit in (("1d", 86400, None), ("1h", 3600, 24), ("1m", 60, 1440)):

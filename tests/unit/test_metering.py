@@ -301,7 +301,7 @@ def test_grants_and_balances(tmp_path: Path) -> None:
         store.record(rec(3, "key_b", cost=0, status=429))
         assert (store.pending_cost("key_a"), store.pending_cost("key_b"), store.pending_cost("key_c")) == (30, 20, 0)
         assert await store.balances() == {"key_a": Balance(1_400_000, 0)}  # nothing written yet
-        await store._flush()
+        await store.flush()
         assert store.pending_cost("key_a") == store.pending_cost("key_b") == 0
         balances = await store.balances()
         assert balances == {"key_a": Balance(1_400_000, 30), "key_b": Balance(0, 20)}

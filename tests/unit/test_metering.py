@@ -466,3 +466,18 @@ def test_the_database_methods_need_a_started_store(tmp_path: Path) -> None:
         asyncio.run(store.balances())
     with pytest.raises(ValueError):
         UsageStore("mysql+aiomysql://x/y")
+
+
+def test_usage_pages_parse_as_the_openai_sdks_type(usage_db: str) -> None:
+    from openai.types.admin.organization.usage_embeddings_response import UsageEmbeddingsResponse
+
+    p = page(usage_db, start_time=T0, end_time=T0 + 3 * 60, bucket_width="1m", group_by=["api_key_id"], limit=2)
+    sdk = UsageEmbeddingsResponse.model_validate_json(p.model_dump_json())
+    assert (sdk.object, sdk.has_more, sdk.next_page) == ("page", True, p.next_page)
+    first = sdk.data[0].results[0]
+    assert (first.object, first.api_key_id, first.num_model_requests, first.input_tokens) == (
+        "organization.usage.embeddings.result", "key_a", 2, 6)
+    assert first.images == 2  # type: ignore[attr-defined]  # our extension, kept as an extra field
+    assert list(p.model_dump()) == ["object", "data", "has_more", "next_page"]
+    assert list(p.data[0].results[0].model_dump()) == [
+        "object", "input_tokens", "num_model_requests", "project_id", "user_id", "api_key_id", "model", "images"]

@@ -309,7 +309,7 @@ class UsageStore:
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Writes what is spooled, waiting at most `timeout_s`, then lets go of the database. Records still
-        spooled after that are lost, and logged as such."""
+        spooled after that, or recorded after close, are not written (the count is logged)."""
         if self._closed:
             return
         self._closing = self._closed = True

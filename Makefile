@@ -1,4 +1,5 @@
-# The two commands: `make serve` (ViT-g/14 from deploy/) and `make test`.
+# The two commands: `make serve` (ViT-g/14 from deploy/) and `make test`; `make services` first, once, for the
+# Redis and PostgreSQL binaries the tests start servers from.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ DEV_MODEL := .dev-model/tiny-clip
 SERVE_CPU := $(PY) -m serve_app.ray_env --small-cpu -- $(VENV)/bin/serve
 SERVE_GPU := $(PY) -m serve_app.ray_env -- $(VENV)/bin/serve
 
-.PHONY: install fetch-vitg serve serve-dev serve-gpu test clean
+.PHONY: install services fetch-vitg serve serve-dev serve-gpu test clean
 
 install: $(STAMP)
 
@@ -19,6 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
+
+# Debian's redis-server and postgresql, when missing (needs root, or sudo): the tests start servers of their own
+# from them (tests/services.py); nothing is started or enabled at boot. CI's .ci/run does the same.
+services:
+	@tests/install-services.sh
 
 # Fetches the default ViT-g/14 into the Hugging Face cache first, so that no network fails fast and clearly.
 fetch-vitg: install

@@ -2,16 +2,21 @@
 
 Offline, no Ray. Every object of each variant validates: the RayService against KubeRay v1.7.0's CRD schema
 (tests/data/kuberay-crds/), core kinds against Kubernetes' own schemas (kubernetes-validate). Each variant is
-built with `kubectl kustomize` where kubectl is installed; otherwise the base is read and the CPU overlay's
-JSON patch is applied in Python, so the same checks run either way.
+built with `kubectl kustomize` where kubectl is installed; otherwise the base and the overlay's components are
+read and the CPU overlay's JSON patch is applied in Python, so the same checks run either way. Both variants
+include k8s/tenancy (Redis and PostgreSQL in the cluster); EXTERNAL is the gpu overlay as a host with servers of
+its own edits it (k8s/tenancy-external instead).
 """
 
+import atexit
 import copy
 import ipaddress
 import json
+import os
 import re
 import shutil
 import subprocess
+import tempfile
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -32,6 +37,7 @@ SMALL_CPU_ENV = ROOT / "deploy" / "ray-small-cpu.env"  # small-CPU tuning: never
 # serveConfigV2 differs from its deploy/ file in nothing (no documented overrides today); a key listed here
 # would be allowed to differ.
 SERVE_CONFIG_OVERRIDES: dict[str, set[str]] = {"gpu": set(), "cpu": set()}
+EXTERNAL = "gpu-external"  # k8s/gpu with ../tenancy-external in place of ../tenancy (built in a temporary directory)
 
 
 def _apply_json_patch(document: dict, operations: list[dict]) -> dict:
@@ -56,28 +62,64 @@ def _apply_json_patch(document: dict, operations: list[dict]) -> dict:
     return document
 
 
-def _python_build(variant: str) -> list[dict]:
-    """What kustomize would produce, for the checks below (names without hash suffixes)."""
-    base = K8S / "base"
-    docs = [d for f in ("rayservice.yaml", "weights.yaml", "networkpolicy.yaml", "podmonitor.yaml")
-            for d in yaml.safe_load_all((base / f).read_text()) if d]
-    kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
-    for generator in kustomization["configMapGenerator"]:
+def _generated_configmaps(directory: Path, generators: list[dict]) -> list[dict]:
+    """What a configMapGenerator makes (names without hash suffixes)."""
+    made = []
+    for generator in generators:
         data = {}
         for env_file in generator.get("envs", []):
-            data.update(serve_env(base / env_file))
+            data.update(serve_env(directory / env_file))
         for literal in generator.get("literals", []):
             key, _, value = literal.partition("=")
             data[key] = value
-        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"]}, "data": data})
+        for file in generator.get("files", []):
+            data[file] = (directory / file).read_text()
+        metadata = {"name": generator["name"]}
+        if generator.get("options", {}).get("labels"):
+            metadata["labels"] = generator["options"]["labels"]
+        made.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
+    return made
+
+
+def _resources(directory: Path, kustomization: dict) -> list[dict]:
+    return [d for f in kustomization.get("resources", []) if (directory / f).is_file()
+            for d in yaml.safe_load_all((directory / f).read_text()) if d]
+
+
+@cache
+def overlay_dir(variant: str) -> Path:
+    """The overlay's directory; for EXTERNAL a copy of k8s/gpu that names ../tenancy-external instead of
+    ../tenancy, as a host would (kustomize takes relative paths only, and directories outside are allowed)."""
+    if variant != EXTERNAL:
+        return K8S / variant
+    directory = Path(tempfile.mkdtemp(prefix="clip-k8s-external-"))
+    atexit.register(shutil.rmtree, directory, True)
+    text = (K8S / "gpu" / "kustomization.yaml").read_text()
+    assert "  - ../tenancy\n" in text
+    text = text.replace("  - ../base\n", f"  - {os.path.relpath(K8S / 'base', directory)}\n")
+    text = text.replace("  - ../tenancy\n", f"  - {os.path.relpath(K8S / 'tenancy-external', directory)}\n")
+    (directory / "kustomization.yaml").write_text(text)
+    shutil.copy(K8S / "gpu" / "namespace.yaml", directory)
+    return directory
+
+
+def _python_build(variant: str) -> list[dict]:
+    """What kustomize would produce, for the checks below (names without hash suffixes)."""
+    base = K8S / "base"
+    kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
+    docs = _resources(base, kustomization) + _generated_configmaps(base, kustomization["configMapGenerator"])
     grafana = yaml.safe_load((K8S / "grafana" / "kustomization.yaml").read_text())
-    for generator in grafana["configMapGenerator"]:
-        docs.append({"apiVersion": "v1", "kind": "ConfigMap",
-                     "metadata": {"name": generator["name"], "labels": generator["options"]["labels"]},
-                     "data": {f: (K8S / "grafana" / f).read_text() for f in generator["files"]}})
-    docs.append(yaml.safe_load((K8S / variant / "namespace.yaml").read_text()))
+    docs += _generated_configmaps(K8S / "grafana", grafana["configMapGenerator"])
+    directory = overlay_dir(variant)
+    overlay = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    docs.append(yaml.safe_load((directory / "namespace.yaml").read_text()))
+    for component in overlay.get("components", []):
+        component_dir = (directory / component).resolve()
+        kustomization = yaml.safe_load((component_dir / "kustomization.yaml").read_text())
+        assert kustomization["kind"] == "Component" and not kustomization.get("patches"), component
+        docs += _resources(component_dir, kustomization)
+        docs += _generated_configmaps(component_dir, kustomization.get("configMapGenerator", []))
     if variant == "cpu":
-        overlay = yaml.safe_load((K8S / "cpu" / "kustomization.yaml").read_text())
         for patch in overlay["patches"]:
             text = (K8S / "cpu" / patch["path"]).read_text() if "path" in patch else patch["patch"]
             operations = yaml.safe_load(text)
@@ -94,7 +136,8 @@ def _python_build(variant: str) -> list[dict]:
 def build(variant: str) -> tuple[dict, ...]:
     kubectl = shutil.which("kubectl")
     if kubectl:
-        out = subprocess.run([kubectl, "kustomize", str(K8S / variant)], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([kubectl, "kustomize", str(overlay_dir(variant))], capture_output=True, text=True,
+                             timeout=60)
         assert out.returncode == 0, out.stderr
         return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
     return tuple(_python_build(variant))
@@ -175,12 +218,14 @@ def test_crd_schema_rejects_what_kuberay_would():
         jsonschema.validate(rayservice, crd_schema("RayService"))
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [*VARIANTS, EXTERNAL])
 def test_core_objects_validate_against_kubernetes_schemas(variant: str):
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     core = [d for d in build(variant) if "." not in d["apiVersion"].split("/")[0] or
             d["apiVersion"].startswith(("batch/", "networking.k8s.io/"))]
     assert {d["kind"] for d in core} >= {"ConfigMap", "PersistentVolumeClaim", "Job", "NetworkPolicy", "Namespace"}
+    if variant in VARIANTS:  # k8s/tenancy: Redis's Deployment, PostgreSQL's StatefulSet, their Services
+        assert {d["kind"] for d in core} >= {"Deployment", "StatefulSet", "Service"}
     for document in core:
         kubernetes_validate.validate(document, K8S_VERSION, strict=True)
     # the pod templates inside the RayService are Kubernetes PodSpecs: validate each as a Pod
@@ -458,7 +503,7 @@ def test_api_keys_reach_only_the_pods_that_check_them(variant: str):
             assert "clip-api-keys" not in json.dumps(init) and "CLIP_API_KEYS" not in json.dumps(init)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [*VARIANTS, EXTERNAL])
 def test_egress_is_dns_own_pods_and_the_hub_for_the_weights_job_only(variant: str):
     docs = build(variant)
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
@@ -499,9 +544,12 @@ def test_egress_is_dns_own_pods_and_the_hub_for_the_weights_job_only(variant: st
             for private in ("10.0.0.1", "172.16.0.1", "192.168.0.1", "100.100.100.200"):
                 assert any(ipaddress.ip_address(private) in e for e in excepts), private
             continue
-        # Ray pods: their own pods on any port, and the head also the API server (for the autoscaler)
+        # Ray pods: their own pods on any port, and the head also the API server (for the autoscaler); the
+        # workers (the ingress replicas) also Redis and PostgreSQL on their ports, in the cluster or outside
         assert [r for r in others if "ports" not in r] == [{"to": [own_pods]}], name
-        api = [r for r in others if "ports" in r]
+        tenancy = [r for r in others if r.get("ports") and {p["port"] for p in r["ports"]} <= {6379, 5432}]
+        assert check_tenancy_egress(tenancy, external=variant == EXTERNAL) if name != "head" else tenancy == [], name
+        api = [r for r in others if "ports" in r and r not in tenancy]
         if name == "head":
             (rule,) = api
             assert {p["port"] for p in rule["ports"]} == {443, 6443}
@@ -542,11 +590,11 @@ def test_python_build_matches_kustomize():
 
     def normal(docs):
         text = json.dumps(sorted(docs, key=lambda d: (d["kind"], d["metadata"]["name"])), sort_keys=True)
-        for name in ("clip-ray-serve-env", "clip-model"):
+        for name in ("clip-ray-serve-env", "clip-model", "clip-postgres-init"):
             text = __import__("re").sub(name + r"-[a-z0-9]{10}", name, text)
         return json.loads(text)
 
-    for variant in VARIANTS:
+    for variant in [*VARIANTS, EXTERNAL]:
         kustomized = [d for d in normal(list(build(variant))) if d["kind"] not in ("ConfigMap",)]
         python = [d for d in normal(_python_build(variant)) if d["kind"] not in ("ConfigMap",)]
         for doc in kustomized:  # kustomize adds the namespace and the common label; the Python build does not
@@ -572,3 +620,236 @@ def test_the_image_starts_haproxy_through_the_wrapper():
     assert f'ln -s "$(command -v clip-haproxy)" {path}' in dockerfile  # unless pip put it there already
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["clip-haproxy"] == "serve_app.haproxy:main"
+
+
+# ------------------------------------------------------------------ Redis and PostgreSQL (k8s/tenancy)
+
+TENANCY = K8S / "tenancy"
+SERVERS = {"clip-redis": 6379, "clip-postgres": 5432}  # the server pods' app.kubernetes.io/name: their port
+TENANCY_ENV = {"CLIP_REDIS_URL": "redis-url", "CLIP_DATABASE_URL": "database-url"}  # env: key of clip-tenancy
+WRITABLE = {"clip-redis": {"/data", "/tmp"},  # where the official images write (Redis: nothing, as configured)
+            "clip-postgres": {"/var/lib/postgresql/data", "/var/run/postgresql", "/tmp"}}
+
+
+def check_tenancy_egress(rules: list[dict], external: bool) -> bool:
+    """A worker pod's egress to the servers: one rule each, its port alone, to its pods (k8s/tenancy) or to an
+    address block that keeps the metadata address out (k8s/tenancy-external)."""
+    peers = {}
+    for rule in rules:
+        (port,) = rule["ports"]
+        (peers[port["port"]],) = rule["to"]
+        assert port["protocol"] == "TCP", rule
+    assert sorted(peers) == sorted(SERVERS.values()), rules
+    for name, port in SERVERS.items():
+        if external:
+            (block,) = peers[port].values()
+            assert set(peers[port]) == {"ipBlock"} and METADATA not in ipaddress.ip_network(block["cidr"]), block
+        else:
+            assert peers[port] == {"podSelector": {"matchLabels": {"app.kubernetes.io/name": name}}}, peers[port]
+    return True
+
+
+def server_pods(docs) -> dict[str, dict]:
+    """The pod templates of the servers' Deployment and StatefulSet, by workload name."""
+    return {d["metadata"]["name"]: d["spec"]["template"] for d in docs if d["kind"] in ("Deployment", "StatefulSet")}
+
+
+def may_connect(policies: list[dict], source: dict, target: dict, port: int) -> bool:
+    """Whether the NetworkPolicies let a pod labelled `source` open TCP `port` on a pod labelled `target`, both in
+    the namespace (peers by namespace or address block do not count: neither is a pod of the namespace)."""
+
+    def admits(direction: str, selected: dict, peer_labels: dict, peers_key: str) -> bool:
+        chosen = [p for p in policies if selects(p, selected) and direction in p["spec"]["policyTypes"]]
+        if not chosen:
+            return True  # no policy selects the pod in this direction: open
+        for rule in (r for p in chosen for r in p["spec"].get(direction.lower(), [])):
+            if rule.get("ports") and port not in {p["port"] for p in rule["ports"]}:
+                continue
+            if peers_key not in rule or any(
+                    set(peer) == {"podSelector"} and peer["podSelector"].get("matchLabels", {}).items() <=
+                    peer_labels.items() for peer in rule[peers_key]):
+                return True
+        return False
+
+    return admits("Egress", source, target, "to") and admits("Ingress", target, source, "from")
+
+
+def secret_keys(value, secret: str) -> set[str]:
+    """The keys of Secret `secret` that the objects read: secretKeyRefs and the items of secret volumes."""
+    if isinstance(value, list):
+        return set().union(*(secret_keys(v, secret) for v in value)) if value else set()
+    if not isinstance(value, dict):
+        return set()
+    keys = set()
+    if value.get("secretKeyRef", {}).get("name") == secret:
+        keys.add(value["secretKeyRef"]["key"])
+    if value.get("secret", {}).get("secretName") == secret:
+        keys |= {item["key"] for item in value["secret"]["items"]}  # no items: every key (none here)
+    return keys | set().union(*(secret_keys(v, secret) for v in value.values()))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_only_the_ingress_pods_reach_redis_and_postgres(variant: str):
+    """Redis and PostgreSQL admit the RayService's worker pods (the ingress replicas) on their port and nobody
+    else: not the head, the weights Job, each other or any other pod; they connect nowhere themselves."""
+    docs = build(variant)
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    servers = server_pods(docs)
+    assert set(servers) == set(SERVERS)
+    sources = {**pod_labels(docs), **{n: t["metadata"]["labels"] for n, t in servers.items()},
+               "any other pod": {"app.kubernetes.io/name": "something-else"}}
+    workers = {n for n, labels in pod_labels(docs).items() if labels.get("ray.io/node-type") == "worker"}
+    assert workers
+    for name, port in SERVERS.items():
+        labels = servers[name]["metadata"]["labels"]
+        assert {n for n, source in sources.items() if may_connect(policies, source, labels, port)} == workers, name
+        (policy,) = [p for p in policies if selects(p, labels)]
+        # the server's own policy says so too, whatever the other pods' egress policies say
+        assert {n for n, source in sources.items() if may_connect([policy], source, labels, port)} == workers, name
+        for other in (22, 80, 443, 5432 if port == 6379 else 6379, 8000):
+            assert not any(may_connect(policies, source, labels, other) for source in sources.values()), other
+        assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"} and policy["spec"]["egress"] == []
+        # the Service sends its port to the container's, and selects the server's pods
+        service = named(docs, "Service", name)
+        assert service["spec"]["selector"].items() <= labels.items()
+        (service_port,) = service["spec"]["ports"]
+        (container,) = servers[name]["spec"]["containers"]
+        assert service_port["port"] == port and {"name": service_port["targetPort"], "containerPort": port} in \
+            container["ports"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_redis_and_postgres_pods_run_confined(variant: str):
+    """As the Ray pods: RuntimeDefault seccomp, a non-root user (the official images' own), no Kubernetes API
+    token, no privilege escalation or capabilities, a read-only root; writable only where the image writes
+    (emptyDirs, PostgreSQL's data volume); passwords as read-only files or from the Secret, never in the manifest."""
+    docs = build(variant)
+    for name, template in server_pods(docs).items():
+        spec = template["spec"]
+        context = spec["securityContext"]
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"} and context["runAsNonRoot"] is True, name
+        assert context["runAsUser"] == context["runAsGroup"] == context["fsGroup"] == 999, name  # Debian images
+        assert spec["automountServiceAccountToken"] is False and not spec.get("initContainers"), name
+        (container,) = spec["containers"]
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                                "readOnlyRootFilesystem": True}, name
+        assert container["resources"]["limits"]["memory"] and container["resources"]["limits"]["cpu"], name
+        assert {"readinessProbe", "livenessProbe"} <= set(container), name
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        workload = named(docs, "StatefulSet" if name == "clip-postgres" else "Deployment", name)
+        claims = {t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", [])}
+        writable = {m["mountPath"]: m["name"] for m in container["volumeMounts"] if not m.get("readOnly")}
+        assert set(writable) == WRITABLE[name], name
+        assert all(v in claims or "emptyDir" in volumes[v] for v in writable.values()), name
+        for mount in container["volumeMounts"]:  # everything else: read-only files of a ConfigMap or the Secret
+            if mount.get("readOnly"):
+                volume = volumes[mount["name"]]
+                assert "configMap" in volume or volume["secret"]["defaultMode"] == 0o440, mount
+        assert all("value" not in e or "PASSWORD" not in e["value"] for e in container.get("env", [])), name
+
+    redis = server_pods(docs)["clip-redis"]["spec"]["containers"][0]
+    assert redis["image"] == "redis:7"
+    args = redis["args"]
+    assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no"  # no persistence
+    assert args[args.index("--requirepass") + 1] == "$(REDISCLI_AUTH)"
+    assert {"name": "REDISCLI_AUTH", "valueFrom": {"secretKeyRef": {"name": "clip-tenancy", "key": "redis-password"}}} \
+        in redis["env"]
+
+    postgres_spec = server_pods(docs)["clip-postgres"]["spec"]
+    (postgres,) = postgres_spec["containers"]
+    assert postgres["image"] == "postgres:16"
+    env = {e["name"]: e["value"] for e in postgres["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in postgres["volumeMounts"]}
+    assert env["PGDATA"].startswith(mounts["data"] + "/")  # a directory of its own on the volume (lost+found)
+    volumes = {v["name"]: v for v in postgres_spec["volumes"]}
+    files = {f"{mounts['passwords']}/{item['path']}": item["key"] for item in volumes["passwords"]["secret"]["items"]}
+    assert files[env["POSTGRES_PASSWORD_FILE"]] == "postgres-password"
+    assert files[env["CLIP_DATABASE_PASSWORD_FILE"]] == "database-password"
+    # the init script the entrypoint sources on first start is the tested file (tests/integration/test_services.py)
+    init = one(docs, "ConfigMap", "clip-postgres-init")
+    assert volumes["init"]["configMap"]["name"] == init["metadata"]["name"]
+    assert mounts["init"] == "/docker-entrypoint-initdb.d"
+    assert init["data"] == {"postgres-init.sh": (TENANCY / "postgres-init.sh").read_text()}
+    assert "$CLIP_DATABASE_PASSWORD_FILE" in init["data"]["postgres-init.sh"]
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, EXTERNAL])
+def test_tenancy_urls_come_only_from_the_secret(variant: str):
+    """CLIP_REDIS_URL and CLIP_DATABASE_URL reach the worker containers (the ingress replicas) from the Secret
+    clip-tenancy (required: a pod without it does not start) and from nowhere else: no URL in any value, ConfigMap
+    or Serve config; nothing of the Secret on the head, its autoscaler, the Job or an init container."""
+    docs = build(variant)
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    expected = [{"name": env, "valueFrom": {"secretKeyRef": {"name": "clip-tenancy", "key": key}}}
+                for env, key in TENANCY_ENV.items()]
+    for name, spec in pod_specs(docs).items():
+        if name in ("head", "fetch-weights"):
+            assert not any(word in json.dumps(spec) for word in ("clip-tenancy", *TENANCY_ENV)), name
+            continue
+        env = spec["containers"][0]["env"]
+        assert [e for e in env if e["name"] in TENANCY_ENV] == expected, name
+        for init in spec.get("initContainers", []):
+            assert "clip-tenancy" not in json.dumps(init), name
+    assert "clip-tenancy" not in json.dumps(cluster["autoscalerOptions"])
+    assert not re.search(r"\b(rediss?|postgres(ql)?(\+\w+)?)://", json.dumps(docs))  # no URL in the manifests
+    args = serve_config(one(docs, "RayService"))["applications"][0]["args"]
+    assert not re.search(r"redis|database|postgres", json.dumps(args), re.I)
+
+
+def test_no_secret_is_committed_and_the_template_fits_the_manifests():
+    """The Secret clip-tenancy is made by hand: no build holds a Secret and no kustomization names the template,
+    whose values are placeholders. Its keys are those the manifests read, and its URLs name the Services, with the
+    passwords the servers are given."""
+    from urllib.parse import urlsplit
+
+    template_text = (TENANCY / "secret.example.yaml").read_text()
+    template = yaml.safe_load(template_text)
+    assert (template["kind"], template["metadata"]["name"]) == ("Secret", "clip-tenancy") and "data" not in template
+    values = template["stringData"]
+    assert all("CHANGE-ME" in value for value in values.values())
+    for kustomization in K8S.rglob("kustomization.yaml"):  # no file list of any kustomization names it
+        assert "secret.example" not in json.dumps(yaml.safe_load(kustomization.read_text())), kustomization
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate.validate({**template, "metadata": {**template["metadata"], "namespace": "clip"}},
+                                 K8S_VERSION, strict=True)
+    for variant in [*VARIANTS, EXTERNAL]:
+        docs = build(variant)
+        assert not [d for d in docs if d["kind"] == "Secret"], variant
+        read = secret_keys(list(docs), "clip-tenancy")
+        assert read == (set(TENANCY_ENV.values()) if variant == EXTERNAL else set(values)), variant
+    docs = build("gpu")
+    redis, database = urlsplit(values["redis-url"]), urlsplit(values["database-url"])
+    assert (redis.scheme, redis.hostname, redis.port, redis.path) == ("redis", "clip-redis", 6379, "/0")
+    assert redis.password == values["redis-password"]
+    assert (database.scheme, database.username, database.hostname, database.port, database.path) == \
+        ("postgresql+asyncpg", "clip", "clip-postgres", 5432, "/clip")
+    assert database.password == values["database-password"] != values["postgres-password"]
+    for url in (redis, database):
+        assert named(docs, "Service", url.hostname)["spec"]["ports"][0]["port"] == url.port
+    script = (TENANCY / "postgres-init.sh").read_text()
+    assert "CREATE ROLE clip LOGIN PASSWORD" in script and "CREATE DATABASE clip OWNER clip" in script
+
+
+def test_documented_secret_command_makes_the_template_keys(tmp_path: Path):
+    """k8s/tenancy/README.md's command, run with kubectl and openssl stubbed: the template's keys, fresh
+    passwords, and URLs that carry the passwords the servers get."""
+    from urllib.parse import urlsplit
+
+    readme = (TENANCY / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```sh\n(.*?)```", readme, re.S) if "--from-literal=redis-password" in b]
+    stubs = ("kubectl() { printf '%s\\n' \"$@\"; }\n"  # prints its arguments, one a line
+             "openssl() { head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n'; }\n")  # 48 hex digits
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", stubs + block], capture_output=True, text=True,
+                         timeout=30, check=True).stdout.splitlines()
+    made = dict(line.removeprefix("--from-literal=").split("=", 1) for line in out
+                if line.startswith("--from-literal="))
+    values = yaml.safe_load((TENANCY / "secret.example.yaml").read_text())["stringData"]
+    assert set(made) == set(values) and "clip-tenancy" in out
+    assert len({made["redis-password"], made["postgres-password"], made["database-password"]}) == 3
+    assert all(re.fullmatch(r"[0-9a-f]{48}", made[k]) for k in ("redis-password", "postgres-password",
+                                                                "database-password"))
+    assert urlsplit(made["redis-url"]).password == made["redis-password"]
+    assert urlsplit(made["database-url"]).password == made["database-password"]
+    for key in ("redis-url", "database-url"):
+        assert made[key].replace(urlsplit(made[key]).password, "X") == \
+            values[key].replace(urlsplit(values[key]).password, "X")

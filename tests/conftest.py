@@ -1,7 +1,8 @@
-"""Shared fixtures: tiny random open_clip models the tests write themselves, and a live Ray Serve app.
+"""Shared fixtures: tiny random open_clip models the tests write themselves, a live Ray Serve app, and real Redis
+and PostgreSQL servers (tests/services.py).
 
 No test downloads weights. The Serve app runs on a local Ray instance on a free loopback port and is
-shut down at the end of the session.
+shut down at the end of the session; so are the Redis and PostgreSQL servers, started only for tests that ask.
 """
 
 import base64
@@ -18,6 +19,7 @@ from PIL import Image
 from serve_app.processes import signal_session
 from serve_app.dev_model import write_tiny_model
 from serve_app.ray_env import free_port, use_one_machine_env
+from tests.services import PostgresServer, RedisServer
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -146,6 +148,25 @@ def serve_url(tiny_model_dir: Path, second_model_dir: Path) -> Iterator[str]:
         # of their own). Ray Serve reloads HAProxy by starting a new process; one was once left running
         # after a whole-suite run, holding its ports.
         signal_session(os.getsid(0), signal.SIGKILL, name="haproxy")
+
+
+# ------------------------------------------------------------------ Redis and PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server of this session (no persistence): `.url`, `.port`, `.pid`, `.stop()`, `.start()`.
+    A test that stops it starts it again (same port, empty); keys are shared with the session's other tests."""
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A real PostgreSQL of this session: `.url` (SQLAlchemy async, role and database `clip`), `.port`, `.pid`,
+    `.stop()`, `.start()`, `.restart()` (same port, same data). Tables are shared with the session's other tests."""
+    with PostgresServer(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
 
 
 # ------------------------------------------------------------------ image helpers

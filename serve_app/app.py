@@ -62,8 +62,21 @@ def _hardening(args: AppArgs, ingress_max_ongoing: int | None) -> dict[str, Any]
         "limits": args.limits,
         "api_keys": args.api_keys,
         "api_keys_file": args.api_keys_file,
+        "tenancy": args.tenancy,
+        "ingress_replicas": _max_replicas(args),
         "image_url_policy": args.image_url_policy,
     }
+
+
+def _max_replicas(args: AppArgs) -> int:
+    """The most ingress replicas there can be: with Redis away each counts 1/N of a key's limits."""
+    if args.layout == "one-process":
+        options = args.model_specs()[0].encoder_options
+    else:
+        options = args.ingress.deployment_options()
+    auto = options.get("autoscaling_config") or {}
+    replicas = options.get("num_replicas")
+    return max(1, int(auto.get("max_replicas") or (replicas if isinstance(replicas, int) else 1)))
 
 
 def _constructor_spec(spec: ModelSpec) -> ModelSpec:

@@ -71,7 +71,7 @@ def is_loopback_host(host: str | None) -> bool:
         return False
 
 
-def open_network_warning(host: str | None, port: int | None, keys: tuple[bytes, ...]) -> str | None:
+def open_network_warning(host: str | None, port: int | None, keys: object) -> str | None:
     """The loud start-up warning of a service bound beyond loopback with no API keys, else None."""
     if keys or is_loopback_host(host):
         return None

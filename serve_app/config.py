@@ -91,6 +91,10 @@ class BatchSettings(StrictModel):
     # Only when the pass answered at least twice the rows that arrived during it (serve_app/pass_gate.py).
     refill_wait_fraction: float = Field(default=0.5, ge=0.0, le=4.0)
     refill_gap_s: float = Field(default=0.01, ge=0.0, le=10.0)
+    # The ingress's side (serve_app/coalescing.py), read when it starts: while this many calls of a modality are
+    # in flight to this model's encoder, more requests' rows wait there and go together in the next call (at most
+    # `text_max_batch_size` rows); 0: every request is its own call.
+    ingress_calls_in_flight: int = Field(default=2, ge=0, le=1024)
 
 
 # Each pool's defaults, in one place. A user's pool settings are merged over these key by key
@@ -344,6 +348,41 @@ class RequestLimits(StrictModel):
 ImageURLPolicy = Literal["off", "public"] | list[str]
 
 
+class Price(StrictModel):
+    """What a model's use costs a key's credit, in US dollars."""
+
+    usd_per_million_tokens: float = Field(default=0.02, ge=0, description="text tokens, as `usage` counts them")
+    usd_per_thousand_images: float = Field(default=0.10, ge=0, description="images embedded")
+
+
+class TenancySettings(StrictModel):
+    """Keys as customers (README.md, "Customers: keys, limits, credit and usage"). On when a keys file is set;
+    Redis and the database URLs may also come from the environment (a Kubernetes Secret)."""
+
+    keys_file: str | None = Field(
+        default=None, description="YAML/JSON file of keys with ids, limits and credit, reloaded when it changes "
+        "(also CLIP_KEYS_FILE)",
+    )
+    redis_url: str | None = Field(
+        default=None, description="Redis shared by the ingress replicas for rate limits (also CLIP_REDIS_URL); "
+        "none: each replica counts in memory (one replica, the local default)",
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy async URL of the usage and credit records (also CLIP_DATABASE_URL); "
+        "none: SQLite in ~/.local/share/clip-serve/usage.db",
+    )
+    fail_closed: bool = Field(
+        default=False, description="with Redis unreachable, refuse (503) instead of counting locally with each "
+        "limit divided by the ingress replicas",
+    )
+    price: Price = Field(default_factory=Price, description="what a request costs a key's credit")
+    prices: dict[str, Price] = Field(default_factory=dict, description="per served model name, over `price`")
+    reload_interval_s: float = Field(default=1.0, gt=0, le=10, description="how often the keys file is checked")
+    max_metric_key_ids: int = Field(
+        default=1000, ge=1, description="distinct key ids in the per-key metrics; the rest count as `other`",
+    )
+
+
 class AppArgs(StrictModel):
     """Arguments of `serve_app.app:build_app` (YAML `args:` or `serve run ... key=value`).
 
@@ -388,6 +427,7 @@ class AppArgs(StrictModel):
         "a file (`api_keys_file` / CLIP_API_KEYS_FILE, one key a line), read by the ingress replica at start",
     )
     api_keys_file: str | None = Field(default=None, description="file of API keys, one a line ('#' comments)")
+    tenancy: TenancySettings = Field(default_factory=TenancySettings)
     image_url_policy: ImageURLPolicy = Field(
         default="off",
         description="image URLs: off (refused), public (http/https to public addresses only), or a list of "

@@ -19,12 +19,14 @@ class ServeAppError(Exception):
     error_type: str = "server_error"
 
     reason: str | None = None  # why a request was refused, for the rejections metric (None: not a refusal)
+    code: str | None = None  # OpenAI's `code` where it names one (`rate_limit_exceeded`); else the status
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.retry_after_s: float | None = None  # sent as Retry-After
+        self.headers: dict[str, str] = {}  # more headers of the answer (rate-limit state)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only arguments do not survive pickling by default; Ray pickles exceptions between replicas.
@@ -40,9 +42,13 @@ class InvalidRequest(ServeAppError):
     error_type = "invalid_request_error"
 
 
-class ModelNotFound(ServeAppError):
+class NotFound(ServeAppError):
     status_code = 404
     error_type = "invalid_request_error"
+
+
+class ModelNotFound(NotFound):
+    pass
 
 
 class RequestTimeout(ServeAppError):
@@ -67,6 +73,49 @@ class TooManyInFlight(Overloaded):
     """The ingress's own admission bound (`limits.max_requests_in_flight`)."""
 
     reason = "overloaded"
+
+
+class Unauthorized(ServeAppError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    reason = "unauthorized"
+    code = "invalid_api_key"
+
+
+class Forbidden(ServeAppError):
+    """A valid key on a route it may not use (an ordinary key on the admin routes, an admin key on the API)."""
+
+    status_code = 403
+    error_type = "invalid_request_error"
+    reason = "forbidden"
+    code = "insufficient_permissions"
+
+
+class RateLimited(ServeAppError):
+    """A key over one of its per-minute limits; `error_type` is the limit's kind, as OpenAI's
+    (`requests`, `tokens`; `images` is ours)."""
+
+    status_code = 429
+    reason = "rate_limited"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str = "requests") -> None:
+        super().__init__(message)
+        self.error_type = kind
+
+
+class QuotaExceeded(ServeAppError):
+    """A key whose credit is spent: retrying does not help, and says so (`x-should-retry: false` stops the
+    openai SDK's retries)."""
+
+    status_code = 429
+    error_type = "insufficient_quota"
+    reason = "insufficient_quota"
+    code = "insufficient_quota"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.headers = {"x-should-retry": "false"}
 
 
 class Unavailable(ServeAppError):
@@ -162,17 +211,20 @@ def error_payload(exc: BaseException, request_id: str | None = None) -> MappedEr
     if app_error is None:
         message = "Internal error" + (f" (request id {request_id})" if request_id else "")
         return error_body(500, message, "server_error")
-    mapped = error_body(app_error.status_code, app_error.message, app_error.error_type, app_error.param)
-    headers = {}
+    mapped = error_body(app_error.status_code, app_error.message, app_error.error_type, app_error.param,
+                        app_error.code)
+    headers = dict(getattr(app_error, "headers", None) or {})
     retry_after = app_error.retry_after_s
-    if retry_after is None and app_error.status_code in (429, 503):
+    if retry_after is None and app_error.status_code in (429, 503) and not isinstance(app_error, QuotaExceeded):
         retry_after = RETRY_AFTER_S
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+        headers["retry-after-ms"] = str(max(1, math.ceil(retry_after * 1000)))
     return MappedError(mapped.status_code, mapped.body, headers, app_error.reason)
 
 
-def error_body(status: int, message: str, error_type: str, param: str | None = None) -> MappedError:
+def error_body(status: int, message: str, error_type: str, param: str | None = None,
+               code: str | None = None) -> MappedError:
     return MappedError(
-        status, {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+        status, {"error": {"message": message, "type": error_type, "param": param, "code": code or status}}
     )

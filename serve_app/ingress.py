@@ -1,6 +1,7 @@
 """OpenAIIngress deployment: thin OpenAI-style HTTP routes over the preprocessing and encoder pools.
 
-Every request passes `EveryRequest` (API keys, the body cap, the deadline, metrics and the one error mapper).
+Every request passes `EveryRequest` (the key and its limits, the body cap, the deadline, metrics and the one error
+mapper); tenancy (serve_app/tenancy/) is called from there only.
 Routes parse, await the service, and build the response.
 """
 
@@ -15,23 +16,32 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pydantic import ValidationError
 from ray import serve
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import metrics
-from serve_app.auth import OPEN_ROUTES, bearer_token, key_matches, open_network_warning, resolve_api_keys
-from serve_app.config import ImageLimits, ImageURLPolicy, ModelSpec, RequestLimits, ZeroShotSettings
+from serve_app.auth import OPEN_ROUTES, bearer_token, open_network_warning, resolve_api_keys
+from serve_app.config import (
+    ImageLimits, ImageURLPolicy, ModelSpec, RequestLimits, TenancySettings, ZeroShotSettings,
+)
 from serve_app.errors import (
-    DeadlineExceeded, TooManyInFlight, PayloadTooLarge, RequestTimeout, error_body, error_payload, find_app_error,
+    DeadlineExceeded, NotFound, TooManyInFlight, PayloadTooLarge, RequestTimeout, error_body, error_payload,
+    find_app_error,
 )
 from serve_app.in_process import in_process_pools
 from serve_app import loop_lag
-from serve_app.inputs import check_request_budget, collect_inputs, input_from_item
+from serve_app.tenancy import gate as tenancy_gate
+from serve_app.tenancy.gate import Tenancy, Tenant, prompt_token_bound, token_bound
+from serve_app.tenancy.keys import KeyRing
+from serve_app.tenancy.usage_api import UsagePage, UsageQuery
+from serve_app.inputs import ImageInput, TextInput, check_request_budget, collect_inputs, input_from_item
 from serve_app.modeling import get_tokenizer, load_model_config
 from serve_app.openapi import refine
 from serve_app.protocol import (
     ClassifyRequest,
+    CreditGrant,
     configure_list_limits,
     ClassifyResponse,
     EmbeddingRequest,
@@ -126,14 +136,14 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 
 
 KNOWN_ROUTES = {"/v1/embeddings", "/v1/classify", "/v1/rerank", "/v1/models", "/health", "/livez", "/openapi.json",
-                "/docs"}
+                "/docs", "/v1/organization/usage/embeddings", "/v1/organization/api_keys"}
 
 
 class _Guard:
     """What `EveryRequest` enforces before any route runs; set by the ingress replica's constructor (one
     ingress per process). Until then nothing is served, so the defaults never answer a request."""
 
-    api_keys: tuple[bytes, ...] = ()
+    tenancy: Tenancy | None = None  # keys, their limits and credit, usage records; None: an open service
     max_body_bytes: int = RequestLimits().max_body_bytes
     body_read_timeout_s: float = RequestLimits().body_read_timeout_s
     request_timeout_s: float | None = None  # the server's deadline per request
@@ -145,7 +155,7 @@ class _Guard:
 GUARD = _Guard()
 
 
-def configure_guard(api_keys: tuple[bytes, ...], max_body_bytes: int, body_read_timeout_s: float,
+def configure_guard(tenancy: Tenancy | None, max_body_bytes: int, body_read_timeout_s: float,
                     request_timeout_s: float | None = None, max_json_values: int | None = None,
                     max_requests_in_flight: int | None = None) -> None:
     """Sets this process's GUARD. Called from the replica's constructor through this module-level function:
@@ -154,7 +164,7 @@ def configure_guard(api_keys: tuple[bytes, ...], max_body_bytes: int, body_read_
     # A JSON integer of thousands of digits costs quadratic time to parse, in any field, ignored ones too; 640
     # digits (Python's floor for this bound) is far beyond any number the API reads.
     sys.set_int_max_str_digits(640)
-    GUARD.api_keys = api_keys
+    GUARD.tenancy = tenancy
     GUARD.max_body_bytes = max_body_bytes
     GUARD.body_read_timeout_s = body_read_timeout_s
     GUARD.request_timeout_s = request_timeout_s
@@ -250,17 +260,22 @@ class EveryRequest:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
+                if tenant is not None:  # the reservation settled; OpenAI's rate-limit headers on every answer
+                    message["headers"] = [*message.get("headers", []), *await _settled(tenancy, tenant)]
             await send(message)
 
+        tenant: Tenant | None = None
+        context = None
+        tenancy = GUARD.tenancy
         try:
-            if GUARD.api_keys and path not in OPEN_ROUTES:
-                if not key_matches(bearer_token(headers.get("authorization")), GUARD.api_keys):
-                    status = 401
-                    metrics.count_rejected(route, "unauthorized")
-                    message = ("Incorrect API key provided" if headers.get("authorization") else
-                               "Missing API key: send `Authorization: Bearer <key>`")
-                    await _refuse(scope, receive, send, 401, message, headers={"WWW-Authenticate": "Bearer"})
-                    return
+            if tenancy is not None and tenancy.enabled and path not in OPEN_ROUTES:
+                await tenancy.ensure_started()
+                authorization = headers.get("authorization")
+                # the usage record's id is ours: a client's x-request-id may repeat, and records are idempotent
+                request_id = "req_" + uuid.uuid4().hex
+                tenant = tenancy.authenticate(authorization, bearer_token(authorization), path, request_id)
+                context = tenancy_gate.CURRENT.set(tenant)
+                await tenancy.admit(tenant)
             length = headers.get("content-length")
             if length is not None:
                 if not length.isdigit():
@@ -301,10 +316,13 @@ class EveryRequest:
             if started:  # too late to answer differently; the client sees a cut response
                 raise
             status = mapped.status_code
-            await _json(mapped.body, mapped.status_code, mapped.headers)(scope, receive, send)
+            await _json(mapped.body, mapped.status_code, mapped.headers)(scope, receive, send_and_watch)
         finally:
             if admitted:
                 GUARD.in_flight -= 1
+            if tenant is not None:
+                tenancy.finish(tenant, status)  # type: ignore[union-attr]
+                tenancy_gate.CURRENT.reset(context)  # type: ignore[arg-type]
             metrics.observe_request(route, status, time.perf_counter() - start)
 
     async def _bounded(self, scope: Any, receive: Any, send: Any) -> None:
@@ -319,6 +337,28 @@ class EveryRequest:
             raise DeadlineExceeded(
                 f"The request did not complete within the server's deadline of {timeout:g} s."
             ) from None
+
+
+async def _reserve(model: ServedModel, inputs: list[Any], extra_tokens: int = 0) -> None:
+    """Holds what the request may cost against its key's per-minute limits, before any work (no-op without
+    tenancy): a bound of its text tokens (the prompts of labels not cached included) and its images."""
+    tenant = tenancy_gate.CURRENT.get()
+    if tenant is None or GUARD.tenancy is None:
+        return
+    context = model.config.context_length
+    tokens = extra_tokens + sum(token_bound(x.text, context) for x in inputs if isinstance(x, TextInput))
+    images = sum(isinstance(x, ImageInput) for x in inputs)
+    await GUARD.tenancy.reserve(tenant, tokens, images)
+
+
+async def _settled(tenancy: Any, tenant: Tenant) -> list[tuple[bytes, bytes]]:
+    """The answer's rate-limit headers; a limiter that fails now (Redis gone mid-request) costs the headers,
+    never the answer."""
+    try:
+        return await tenancy.settle(tenant)
+    except Exception as exc:
+        logger.warning("rate-limit headers of request %s not computed: %s", tenant.request_id, exc)
+        return []
 
 
 app.add_middleware(EveryRequest)
@@ -345,7 +385,7 @@ def _openapi() -> dict[str, Any]:
 app.openapi = _openapi  # type: ignore[method-assign]
 
 
-def _warn_if_open(keys: tuple[bytes, ...]) -> None:
+def _warn_if_open(keys: bool) -> None:
     """A loud warning when Serve's HTTP options bind beyond loopback and no API keys are set. The bind host
     is Serve's (`http_options.host`, what HAProxy and this replica's own HTTP server bind), asked of the
     controller; if it cannot be asked, nothing is claimed."""
@@ -380,19 +420,23 @@ class OpenAIIngress:
         image_url_policy: ImageURLPolicy = "off",
         request_timeout_s: float | None = None,
         max_requests_in_flight: int | None = None,
+        tenancy: TenancySettings | None = None,
+        ingress_replicas: int = 1,
     ) -> None:
         """`preprocessor` and `encoders` are handles of the other pools, or None in the one-process
         layout: then this replica builds them itself (`in_process_pools`) from `models` and `image_limits`.
 
-        API keys are resolved here (args, CLIP_API_KEYS, a keys file), in the replica, never at import."""
+        API keys are resolved here (args, CLIP_API_KEYS, the plain keys file; the tenancy keys file), in the
+        replica, never at import."""
         self._limits = limits or RequestLimits()
         self._url_policy = image_url_policy
         keys = resolve_api_keys(api_keys, api_keys_file)
-        configure_guard(keys, self._limits.max_body_bytes, self._limits.body_read_timeout_s, request_timeout_s,
-                        self._limits.max_json_values, max_requests_in_flight)
+        self._tenancy = Tenancy(tenancy or TenancySettings(), KeyRing.from_secrets(keys), ingress_replicas)
+        configure_guard(self._tenancy, self._limits.max_body_bytes, self._limits.body_read_timeout_s,
+                        request_timeout_s, self._limits.max_json_values, max_requests_in_flight)
         configure_list_limits(max_inputs_per_request, zero_shot.max_labels, zero_shot.max_templates)
-        logger.info("API keys: %d configured", len(keys))  # the count, never a key
-        _warn_if_open(keys)
+        logger.info("API keys: %d configured", len(self._tenancy.ring))  # the count, never a key
+        _warn_if_open(len(self._tenancy.ring) > 0)
         self._in_process: list[Any] = []
         if preprocessor is None:
             preprocessor, encoders = in_process_pools(
@@ -441,6 +485,7 @@ class OpenAIIngress:
         check_dimensions(model, request.dimensions)
         inputs = collect_inputs(request, self._max_inputs, self._url_policy)
         check_request_budget(inputs, self._limits)
+        await _reserve(model, inputs)
         embedded = await self._service.embed(model, inputs)
         return await off_loop(embedded.vectors.size, _embedding_json, model, embedded, request.encoding_format)
 
@@ -458,6 +503,8 @@ class OpenAIIngress:
         check_scores(len(inputs), len(request.labels), request.top_k, self._limits.max_response_scores)
         check_request_budget(inputs, self._limits, extra_text_chars=sum(map(len, request.labels)),
                              extra_text_lines=prompt_lines(request.labels, templates))
+        uncached = self._service.uncached_labels(model, request.labels, templates)
+        await _reserve(model, inputs, prompt_token_bound(uncached, templates, model.config.context_length))
         response = await self._service.classify(model, inputs, request.labels, templates, request.top_k)
         return await off_loop(len(response.data) * len(response.data[0].predictions), _json, response)
 
@@ -470,11 +517,45 @@ class OpenAIIngress:
             input_from_item(d, f"documents[{i}]", url_policy=self._url_policy) for i, d in enumerate(request.documents)
         ]
         check_request_budget([query, *documents], self._limits)
+        await _reserve(model, [query, *documents])
         originals = [d if isinstance(d, str) else d.model_dump(exclude_none=True) for d in request.documents]
         response = await self._service.rerank(
             model, query, documents, originals, request.top_n, request.return_documents
         )
         return await off_loop(len(response.results) * (64 if request.return_documents else 1), _rerank_json, response)
+
+    # ------------------------------------------------------------------ admin (admin keys only: EveryRequest)
+
+    @app.get("/v1/organization/usage/embeddings", response_model=UsagePage, responses=ERROR_RESPONSES)
+    async def usage_embeddings(self, request: Request) -> Response:
+        """OpenAI's Usage API for embeddings: buckets of input tokens, requests and (ours) images."""
+        tenancy = self._tenancy_on()
+        try:
+            query = UsageQuery.from_query_items(request.query_params.multi_items())
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
+        return _json(await tenancy.store.usage(query))
+
+    @app.get("/v1/organization/api_keys", responses=ERROR_RESPONSES)
+    async def list_api_keys(self) -> Response:
+        """Every key's id, name, limits and remaining credit; never a secret or its hash."""
+        keys = self._tenancy_on().list_keys()
+        return _json({"object": "list", "data": keys, "first_id": keys[0]["id"] if keys else None,
+                      "last_id": keys[-1]["id"] if keys else None, "has_more": False})
+
+    @app.post("/v1/organization/api_keys/{key_id}/credit", responses=ERROR_RESPONSES)
+    async def add_credit(self, key_id: str, grant: CreditGrant) -> Response:
+        """Tops up (or, negative, corrects) a key's credit; every replica sees it within a second."""
+        tenancy = self._tenancy_on()
+        if key_id not in tenancy.ring.keys or tenancy.ring.keys[key_id].admin:
+            raise NotFound(f"no API key with id {key_id}", param="key_id")
+        left = await tenancy.top_up(key_id, grant.amount_usd, grant.note)
+        return _json({"object": "organization.api_key.credit", "id": key_id, "credit_remaining_usd": left})
+
+    def _tenancy_on(self) -> Tenancy:
+        if not self._tenancy.enabled:
+            raise NotFound("the organization routes need keys: this service has none configured")
+        return self._tenancy
 
     @app.get("/livez")
     async def livez(self) -> Response:

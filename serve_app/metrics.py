@@ -106,7 +106,56 @@ def _metrics() -> dict[str, Any]:
             "(backpressure, overloaded, unavailable, timeout, unauthorized, too_large, slow_body).",
             tag_keys=("route", "reason"),
         ),
+        # Per key (serve_app/tenancy): one series per key id up to `tenancy.max_metric_key_ids`, then `other`.
+        "key_requests": m.Counter(
+            PREFIX + "key_requests", description="Requests answered per API key id, by status code.",
+            tag_keys=("key_id", "status"),
+        ),
+        "key_tokens": m.Counter(PREFIX + "key_tokens", description="Text tokens used per API key id.",
+                                tag_keys=("key_id",)),
+        "key_images": m.Counter(PREFIX + "key_images", description="Images embedded per API key id.",
+                                tag_keys=("key_id",)),
+        "key_refusals": m.Counter(
+            PREFIX + "key_refusals", description="Requests of a key refused by its limits or credit, by reason "
+            "(rate_limited_requests, rate_limited_tokens, rate_limited_images, insufficient_quota, forbidden).",
+            tag_keys=("key_id", "reason"),
+        ),
+        "rate_limit_degraded": m.Gauge(
+            PREFIX + "rate_limit_store_degraded",
+            description="1 while this ingress replica counts rate limits locally because Redis is unreachable.",
+        ),
+        "usage_spooled": m.Gauge(
+            PREFIX + "usage_records_spooled",
+            description="Usage records waiting in this ingress replica for the database (grows in an outage).",
+        ),
+        "usage_dropped": m.Gauge(
+            PREFIX + "usage_records_dropped",
+            description="Usage records this ingress replica dropped because its spool was full (since start).",
+        ),
     }
+
+
+def count_key_request(key_id: str, status: int, tokens: int, images: int) -> None:
+    if not _in_ray():
+        return
+    _metrics()["key_requests"].inc(tags={"key_id": key_id, "status": str(status)})
+    if tokens:
+        _metrics()["key_tokens"].inc(tokens, tags={"key_id": key_id})
+    if images:
+        _metrics()["key_images"].inc(images, tags={"key_id": key_id})
+
+
+def count_key_refusal(key_id: str, reason: str) -> None:
+    if _in_ray():
+        _metrics()["key_refusals"].inc(tags={"key_id": key_id, "reason": reason})
+
+
+def set_tenancy_state(degraded: bool, spooled: int, dropped: int) -> None:
+    if not _in_ray():
+        return
+    _metrics()["rate_limit_degraded"].set(1 if degraded else 0)
+    _metrics()["usage_spooled"].set(spooled)
+    _metrics()["usage_dropped"].set(dropped)
 
 
 @cache

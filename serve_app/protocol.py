@@ -387,6 +387,13 @@ class PoolHealth(BaseModel):
     detail: str | None = None
 
 
+class CreditGrant(WireModel):
+    """An admin's top-up of a key's credit (negative: a correction)."""
+
+    amount_usd: float = Field(ge=-1_000_000, le=1_000_000, allow_inf_nan=False)
+    note: str = Field(default="", max_length=200)
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok", "unavailable"]
     models: dict[str, PoolHealth]

@@ -18,6 +18,7 @@ from serve_app.inputs import ImageInput, Input, TextInput
 from serve_app.modeling import ModelConfig
 from serve_app.openmp import keep_torch_serial_on_this_thread
 from serve_app.preprocess import tokenize
+from serve_app.tenancy import gate as tenancy_gate
 from serve_app.tokenizing import cheap_to_tokenize
 from serve_app.protocol import (
     Classification,
@@ -120,6 +121,7 @@ class ClipService:
             prompt_tokens += tokens
         metrics.count_inputs(model.name, "image", len(images))
         metrics.count_inputs(model.name, "text", len(texts))
+        tenancy_gate.used(model.name, prompt_tokens, len(images))
         return Embedded(vectors=vectors, prompt_tokens=prompt_tokens)
 
     async def _embed_images(
@@ -144,6 +146,10 @@ class ClipService:
         else:
             batch = await _from_pool(self._preprocessor.texts.remote(model.name, strings))
         return await _from_pool(model.encoder.embed_texts.remote(batch.tokens)), sum(batch.token_counts)
+
+    def uncached_labels(self, model: ServedModel, labels: list[str], templates: tuple[str, ...]) -> list[str]:
+        """The distinct labels whose classifier vectors are not in the label cache (what a request would encode)."""
+        return self.label_cache.missing(model.name, templates, labels)
 
     async def classifiers(
         self, model: ServedModel, labels: list[str], templates: tuple[str, ...]

@@ -159,6 +159,12 @@ class LabelCache:
         self.hits = 0
         self.misses = 0
 
+    def missing(self, model: str, templates: tuple[str, ...], labels: list[str]) -> list[str]:
+        """The distinct labels not cached, without counting a lookup or touching their recency."""
+        with self._lock:
+            prefix = _digest(model, templates)
+            return [label for label in dict.fromkeys(labels) if _digest(prefix, label) not in self._entries]
+
     def get_many(self, model: str, templates: tuple[str, ...], labels: list[str]) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
         with self._lock:

@@ -64,7 +64,7 @@ class UsageRecord:
     input_tokens: int
     images: int
     status: int  # the HTTP status answered
-    cost_micro_usd: int  # what the request spent of the key's credit; 0 for refused requests
+    cost_nano_usd: int  # what the request spent of the key's credit; 0 for refused requests
     created_at: float  # unix seconds
 
 
@@ -72,12 +72,12 @@ class UsageRecord:
 class Balance:
     """A key's credit as the database has it (add this replica's `UsageStore.pending_cost` for its view)."""
 
-    granted_micro_usd: int
-    spent_micro_usd: int
+    granted_nano_usd: int
+    spent_nano_usd: int
 
     @property
-    def remaining_micro_usd(self) -> int:
-        return self.granted_micro_usd - self.spent_micro_usd
+    def remaining_nano_usd(self) -> int:
+        return self.granted_nano_usd - self.spent_nano_usd
 
 
 # ---------------------------------------------------------------- schema (mirrors migrations/; a test compares)
@@ -92,7 +92,7 @@ USAGE_RECORDS = sa.Table(
     sa.Column("input_tokens", sa.BigInteger(), nullable=False),
     sa.Column("images", sa.BigInteger(), nullable=False),
     sa.Column("status", sa.Integer(), nullable=False),
-    sa.Column("cost_micro_usd", sa.BigInteger(), nullable=False),
+    sa.Column("cost_nano_usd", sa.BigInteger(), nullable=False),
     # Integer microseconds: buckets are integer division, alike on SQLite and PostgreSQL.
     sa.Column("created_at_us", sa.BigInteger(), nullable=False),
     sa.Index("ix_usage_records_created_at_us", "created_at_us"),
@@ -101,13 +101,13 @@ USAGE_RECORDS = sa.Table(
 CREDIT_SPEND = sa.Table(
     "credit_spend", METADATA,
     sa.Column("key_id", sa.Text(), primary_key=True),
-    sa.Column("spent_micro_usd", sa.BigInteger(), nullable=False),
+    sa.Column("spent_nano_usd", sa.BigInteger(), nullable=False),
 )
 CREDIT_GRANTS = sa.Table(
     "credit_grants", METADATA,
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
     sa.Column("key_id", sa.Text(), nullable=False),
-    sa.Column("amount_micro_usd", sa.BigInteger(), nullable=False),
+    sa.Column("amount_nano_usd", sa.BigInteger(), nullable=False),
     sa.Column("created_at_us", sa.BigInteger(), nullable=False),
     sa.Column("note", sa.Text(), nullable=False),
     sa.Index("ix_credit_grants_key_id", "key_id"),
@@ -140,7 +140,7 @@ class _Row(NamedTuple):
     input_tokens: int
     images: int
     status: int
-    cost_micro_usd: int
+    cost_nano_usd: int
     created_at_us: int
 
 
@@ -157,7 +157,7 @@ def _row(rec: UsageRecord) -> _Row:
         input_tokens=_count(rec.input_tokens),
         images=_count(rec.images),
         status=_count(rec.status, 999),
-        cost_micro_usd=_count(rec.cost_micro_usd),
+        cost_nano_usd=_count(rec.cost_nano_usd),
         created_at_us=_count(round(created * 1_000_000)),
     )
 
@@ -243,12 +243,12 @@ class UsageStore:
 
         insert = sqlite_insert if self._dialect == "sqlite" else postgresql_insert
         self._insert_usage = insert(USAGE_RECORDS).on_conflict_do_nothing(index_elements=["request_id"]).returning(
-            USAGE_RECORDS.c.key_id, USAGE_RECORDS.c.cost_micro_usd
+            USAGE_RECORDS.c.key_id, USAGE_RECORDS.c.cost_nano_usd
         )
         spend = insert(CREDIT_SPEND)
         self._add_spend = spend.on_conflict_do_update(
             index_elements=["key_id"],
-            set_={"spent_micro_usd": CREDIT_SPEND.c.spent_micro_usd + spend.excluded.spent_micro_usd},
+            set_={"spent_nano_usd": CREDIT_SPEND.c.spent_nano_usd + spend.excluded.spent_nano_usd},
         )
 
         self._engine: AsyncEngine | None = None
@@ -264,6 +264,7 @@ class UsageStore:
         self._spool: deque[tuple[int, _Row]] = deque()
         self._seq = 0
         self._pending: dict[str, int] = {}  # key_id -> cost of its spooled rows
+        self._written: dict[str, int] = {}  # key_id -> cost written since the last balances() began
         self._dropped = 0
         self._drop_logged_at = -math.inf
         self._inflight_last = 0  # sequence number of the last row of the batch in flight (0: none)
@@ -287,9 +288,10 @@ class UsageStore:
         return self._dropped
 
     def pending_cost(self, key_id: str) -> int:
-        """The cost of this replica's records of `key_id` not yet written: its view of the key's spend is the
-        database's spend plus this."""
-        return self._pending.get(key_id, 0)
+        """The cost of this replica's records of `key_id` that the last `balances()` did not see: those not yet
+        written, and those written since that read began. A replica's view of a key's spend is the spend of
+        its last `balances()` plus this (never less than the truth: a write during the read counts twice)."""
+        return self._pending.get(key_id, 0) + self._written.get(key_id, 0)
 
     # ------------------------------------------------------------ life cycle
 
@@ -337,8 +339,8 @@ class UsageStore:
                 self._drop_oldest()
             self._seq += 1
             self._spool.append((self._seq, row))
-            if row.cost_micro_usd:
-                self._pending[row.key_id] = self._pending.get(row.key_id, 0) + row.cost_micro_usd
+            if row.cost_nano_usd:
+                self._pending[row.key_id] = self._pending.get(row.key_id, 0) + row.cost_nano_usd
             if len(self._spool) >= self._batch_size and self._wakeup is not None:
                 self._wakeup.set()
         except Exception:  # a bad record must not fail the request it describes
@@ -357,8 +359,8 @@ class UsageStore:
                          "so far", self._max_spool, self._dropped)
 
     def _unpend(self, row: _Row) -> None:
-        if row.cost_micro_usd:
-            left = self._pending.get(row.key_id, 0) - row.cost_micro_usd
+        if row.cost_nano_usd:
+            left = self._pending.get(row.key_id, 0) - row.cost_nano_usd
             if left > 0:
                 self._pending[row.key_id] = left
             else:
@@ -416,7 +418,10 @@ class UsageStore:
         try:
             await asyncio.wait_for(self._write([row._asdict() for _, row in batch]), self._timeout_s)
             while self._spool and self._spool[0][0] <= last_seq:
-                self._unpend(self._spool.popleft()[1])
+                row = self._spool.popleft()[1]
+                self._unpend(row)
+                if row.cost_nano_usd:
+                    self._written[row.key_id] = self._written.get(row.key_id, 0) + row.cost_nano_usd
             self._dropped -= self._dropped_inflight  # dropped from the spool, written all the same
         finally:
             self._inflight_last, self._dropped_inflight = 0, 0
@@ -431,7 +436,7 @@ class UsageStore:
                     spent[key_id] = spent.get(key_id, 0) + cost
             if spent:
                 # In key order, so two replicas charging the same keys lock their rows in one order (no deadlock).
-                await conn.execute(self._add_spend, [{"key_id": k, "spent_micro_usd": spent[k]} for k in sorted(spent)])
+                await conn.execute(self._add_spend, [{"key_id": k, "spent_nano_usd": spent[k]} for k in sorted(spent)])
 
     def _note_failure(self, exc: BaseException) -> None:
         if self._healthy:  # once per outage
@@ -472,22 +477,22 @@ class UsageStore:
             logger.warning("usage database call failed: %s", _describe(exc))
             raise Unavailable("usage and credit are unavailable for a moment; retry shortly") from exc
 
-    async def grant(self, key_id: str, amount_micro_usd: int, note: str = "") -> int:
+    async def grant(self, key_id: str, amount_nano_usd: int, note: str = "") -> int:
         """Adds credit to a key (a negative amount corrects an earlier grant); returns the key's total granted."""
         if not isinstance(key_id, str) or not key_id or _text(key_id) != key_id:
             raise InvalidRequest("key_id must be a non-empty string of at most 256 characters", param="key_id")
-        if type(amount_micro_usd) is not int or abs(amount_micro_usd) > _MAX_BIGINT:
-            raise InvalidRequest("amount_micro_usd must be an integer", param="amount_micro_usd")
+        if type(amount_nano_usd) is not int or abs(amount_nano_usd) > _MAX_BIGINT:
+            raise InvalidRequest("amount_nano_usd must be an integer", param="amount_nano_usd")
 
         async def work() -> int:
             assert self._engine is not None
             async with self._engine.begin() as conn:
                 await conn.execute(sa.insert(CREDIT_GRANTS).values(
-                    key_id=key_id, amount_micro_usd=amount_micro_usd, created_at_us=int(time.time() * 1_000_000),
+                    key_id=key_id, amount_nano_usd=amount_nano_usd, created_at_us=int(time.time() * 1_000_000),
                     note=_text(note),
                 ))
                 total = await conn.scalar(
-                    sa.select(sa.func.coalesce(sa.func.sum(CREDIT_GRANTS.c.amount_micro_usd), 0))
+                    sa.select(sa.func.coalesce(sa.func.sum(CREDIT_GRANTS.c.amount_nano_usd), 0))
                     .where(CREDIT_GRANTS.c.key_id == key_id)
                 )
             return int(total)
@@ -497,16 +502,17 @@ class UsageStore:
     async def balances(self) -> dict[str, Balance]:
         """Every key with a grant or a spend: granted and spent from the database, two small grouped queries
         (the grants table and the one-row-per-key spend table; no usage rows are read)."""
+        self._written = {}  # what was written before this read is in its answer
 
         async def work() -> dict[str, Balance]:
             assert self._engine is not None
             async with self._engine.connect() as conn:
                 granted = dict((await conn.execute(
-                    sa.select(CREDIT_GRANTS.c.key_id, sa.func.sum(CREDIT_GRANTS.c.amount_micro_usd))
+                    sa.select(CREDIT_GRANTS.c.key_id, sa.func.sum(CREDIT_GRANTS.c.amount_nano_usd))
                     .group_by(CREDIT_GRANTS.c.key_id)
                 )).tuples().all())
                 spent = dict((await conn.execute(
-                    sa.select(CREDIT_SPEND.c.key_id, CREDIT_SPEND.c.spent_micro_usd)
+                    sa.select(CREDIT_SPEND.c.key_id, CREDIT_SPEND.c.spent_nano_usd)
                 )).tuples().all())
             return {key: Balance(int(granted.get(key, 0)), int(spent.get(key, 0))) for key in granted.keys() | spent}
 

@@ -48,10 +48,12 @@ def assert_same(got: np.ndarray, expected: np.ndarray) -> None:
     assert abs(np.linalg.norm(got) - 1.0) < 1e-5
 
 
-def assert_error(response: requests.Response, status: int, param: str | None = None, words: str = "") -> dict:
+def assert_error(response: requests.Response, status: int, param: str | None = None, words: str = "",
+                 code: str | None = None) -> dict:
+    """`code` is OpenAI's where it names one (`invalid_api_key`, `rate_limit_exceeded`), else the status."""
     assert response.status_code == status, response.text
     error = ErrorResponse.model_validate_json(response.text).error
-    assert error.code == status
+    assert error.code == (code or status)
     if param is not None:
         assert error.param == param, error
     assert words.lower() in error.message.lower(), error.message

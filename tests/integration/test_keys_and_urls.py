@@ -71,10 +71,10 @@ def test_every_route_but_livez_needs_a_key(guarded_url):
     for method, path in (("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/embeddings"),
                          ("GET", "/openapi.json"), ("GET", "/v1/unknown")):
         response = requests.request(method, guarded_url + path, json={"input": "x"}, timeout=30)
-        assert_error(response, 401, None, "api key")
+        assert_error(response, 401, None, "api key", code="invalid_api_key")
         assert response.headers["www-authenticate"] == "Bearer"
     wrong = requests.get(guarded_url + "/v1/models", headers=_auth("sk-nope"), timeout=30)
-    assert_error(wrong, 401, None, "incorrect") and "sk-nope" not in wrong.text
+    assert_error(wrong, 401, None, "incorrect", code="invalid_api_key") and "sk-nope" not in wrong.text
     assert requests.get(guarded_url + "/health", headers=_auth(ARG_KEY), timeout=30).status_code == 200
 
 

@@ -115,7 +115,7 @@ def test_a_restart_under_load_writes_every_record_and_charge_exactly_once(
             for _ in range(20):
                 n += 1
                 r = UsageRecord(f"r{replica}-{n}", keys[n % 3], "clip", "/v1/embeddings", 5, n % 2, 200,
-                                cost_micro_usd=n % 7, created_at=time.time())
+                                cost_nano_usd=n % 7, created_at=time.time())
                 recorded[r.request_id] = r
                 store.record(r)
                 if n % 50 == 0:
@@ -137,14 +137,16 @@ def test_a_restart_under_load_writes_every_record_and_charge_exactly_once(
         await until(lambda: all(s.spooled == 0 and s.healthy for s in stores), timeout_s=30)
         assert any(unhealthy), "no flush failed: the restart was not seen under load"
         assert [s.dropped for s in stores] == [0, 0]
+        for store in stores:
+            await store.balances()
         assert all(s.pending_cost(k) == 0 for s in stores for k in keys)
 
-        rows = await fetch(pg_url, "SELECT request_id, key_id, cost_micro_usd FROM usage_records")
+        rows = await fetch(pg_url, "SELECT request_id, key_id, cost_nano_usd FROM usage_records")
         assert len(rows) == len(recorded) > 400
         assert {r[0] for r in rows} == set(recorded)
         expected_spend = Counter()
         for r in recorded.values():
-            expected_spend[r.key_id] += r.cost_micro_usd
+            expected_spend[r.key_id] += r.cost_nano_usd
         balances = await stores[1].balances()
         assert balances == {k: Balance(1_000 if k == "key_a" else 0, expected_spend[k]) for k in keys}
         await asyncio.gather(*(s.close() for s in stores))
@@ -157,7 +159,7 @@ def test_usage_buckets_on_postgres_equal_what_was_recorded(pg_url: str) -> None:
     records = [
         UsageRecord(f"u{i}", rng.choice(["key_a", "key_b"]), rng.choice(["clip", "clip-b"]), "/v1/embeddings",
                     rng.randrange(1, 50), rng.randrange(0, 3), rng.choice([200, 200, 200, 400, 429, 500]),
-                    cost_micro_usd=rng.randrange(0, 100), created_at=T0 + rng.uniform(0, 3 * 86400))
+                    cost_nano_usd=rng.randrange(0, 100), created_at=T0 + rng.uniform(0, 3 * 86400))
         for i in range(600)
     ]
     records.append(records[0])  # the same id twice in one batch: one row
@@ -210,7 +212,7 @@ def test_usage_buckets_on_postgres_equal_what_was_recorded(pg_url: str) -> None:
                 assert observed(pages, group_by) == expected(width, group_by, end), (width_name, group_by)
         spent = Counter()
         for r in records[:-1]:
-            spent[r.key_id] += r.cost_micro_usd
+            spent[r.key_id] += r.cost_nano_usd
         assert await store.balances() == {k: Balance(0, v) for k, v in spent.items()}
         await store.close()
 

@@ -61,16 +61,29 @@ async def _status(headers: dict[str, str], path: str = "/v1/models") -> tuple[in
     return sent[0]["status"], response_headers, sent[1]["body"]
 
 
-def test_middleware_asks_every_route_but_livez_for_a_key(monkeypatch):
+def test_middleware_asks_every_route_but_livez_for_a_key(monkeypatch, tmp_path):
     from serve_app import ingress
+    from serve_app.config import TenancySettings
+    from serve_app.tenancy.gate import Tenancy
+    from serve_app.tenancy.keys import KeyRing
 
-    monkeypatch.setattr(ingress.GUARD, "api_keys", (b"sk-right",))
-    status, headers, body = asyncio.run(_status({}))
-    assert status == 401 and headers["www-authenticate"] == "Bearer" and b"Missing API key" in body
-    status, headers, body = asyncio.run(_status({"authorization": "Bearer sk-wrong"}))
-    assert status == 401 and b"sk-wrong" not in body and b"Incorrect API key" in body
-    assert asyncio.run(_status({"authorization": "Bearer sk-right"}))[0] == 200
-    assert asyncio.run(_status({}, "/livez"))[0] == 200
-    assert asyncio.run(_status({}, "/v1/nothing"))[0] == 401  # unknown routes too: nothing is revealed
-    monkeypatch.setattr(ingress.GUARD, "api_keys", ())
-    assert asyncio.run(_status({}))[0] == 200  # no keys configured: open
+    settings = TenancySettings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'usage.db'}")
+
+    async def run() -> None:
+        tenancy = Tenancy(settings, KeyRing.from_secrets((b"sk-right",)))
+        monkeypatch.setattr(ingress.GUARD, "tenancy", tenancy)
+        status, headers, body = await _status({})
+        assert status == 401 and headers["www-authenticate"] == "Bearer" and b"Missing API key" in body
+        status, headers, body = await _status({"authorization": "Bearer sk-wrong"})
+        assert status == 401 and b"sk-wrong" not in body and b"Incorrect API key" in body
+        assert b'"invalid_api_key"' in body
+        assert (await _status({"authorization": "Bearer sk-right"}))[0] == 200
+        assert (await _status({}, "/livez"))[0] == 200
+        assert (await _status({}, "/v1/nothing"))[0] == 401  # unknown routes too: nothing is revealed
+        # an ordinary key does not reach the admin routes
+        assert (await _status({"authorization": "Bearer sk-right"}, "/v1/organization/api_keys"))[0] == 403
+        await tenancy.close()
+        monkeypatch.setattr(ingress.GUARD, "tenancy", Tenancy(settings, KeyRing.from_secrets(())))
+        assert (await _status({}))[0] == 200  # no keys configured: open
+
+    asyncio.run(run())

@@ -26,7 +26,7 @@ def upgrade() -> None:
         sa.Column("input_tokens", sa.BigInteger(), nullable=False),
         sa.Column("images", sa.BigInteger(), nullable=False),
         sa.Column("status", sa.Integer(), nullable=False),
-        sa.Column("cost_micro_usd", sa.BigInteger(), nullable=False),
+        sa.Column("cost_nano_usd", sa.BigInteger(), nullable=False),
         sa.Column("created_at_us", sa.BigInteger(), nullable=False),
     )
     op.create_index("ix_usage_records_created_at_us", "usage_records", ["created_at_us"])
@@ -34,13 +34,13 @@ def upgrade() -> None:
     op.create_table(
         "credit_spend",
         sa.Column("key_id", sa.Text(), primary_key=True),
-        sa.Column("spent_micro_usd", sa.BigInteger(), nullable=False),
+        sa.Column("spent_nano_usd", sa.BigInteger(), nullable=False),
     )
     op.create_table(
         "credit_grants",
         sa.Column("id", _ID, primary_key=True, autoincrement=True),
         sa.Column("key_id", sa.Text(), nullable=False),
-        sa.Column("amount_micro_usd", sa.BigInteger(), nullable=False),
+        sa.Column("amount_nano_usd", sa.BigInteger(), nullable=False),
         sa.Column("created_at_us", sa.BigInteger(), nullable=False),
         sa.Column("note", sa.Text(), nullable=False),
     )

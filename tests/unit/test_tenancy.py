@@ -1,0 +1,170 @@
+"""Keys, limits and their arithmetic, without a server (the Redis and PostgreSQL parts are integration tests)."""
+
+import asyncio
+import json
+import os
+import random
+import time
+
+import pytest
+
+from serve_app.config import Price
+from serve_app.tenancy.cli import main as clip_keys
+from serve_app.tenancy.gate import price_of, prompt_token_bound, token_bound
+from serve_app.tenancy.keys import KeyRing, KeysFile, hash_secret, parse_keys_file
+from serve_app.tenancy.limiter import RateLimiter, _verdict, openai_duration
+
+FILE = """
+defaults: {requests_per_minute: 100, tokens_per_minute: 5000}
+keys:
+  - id: key_acme
+    name: ACME
+    secrets: ["%s", "plain-secret-two"]
+    requests_per_minute: 30
+    credit_usd: 5
+  - id: key_open
+    secrets: ["sk-open"]
+    tokens_per_minute: null
+admin_keys:
+  - id: key_ops
+    secrets: ["sk-admin"]
+""" % hash_secret("sk-acme")
+
+
+def test_keys_file_holds_hashes_and_limits_fall_back_to_defaults():
+    ring = parse_keys_file(FILE)
+    acme = ring.find(b"sk-acme")
+    assert acme is not None and acme.id == "key_acme" and acme.name == "ACME"
+    assert ring.find(b"plain-secret-two") is acme  # rotation: one id, two secrets
+    assert acme.limits.requests_per_minute == 30 and acme.limits.tokens_per_minute == 5000
+    assert acme.credit_nano_usd == 5_000_000_000
+    other = ring.find(b"sk-open")
+    assert other.limits.requests_per_minute == 100 and other.limits.tokens_per_minute is None
+    assert other.credit_nano_usd is None
+    assert ring.find(b"sk-admin").admin and not acme.admin
+    assert ring.find(b"sk-acme ") is None and ring.find(b"") is None and ring.find(None) is None
+    # nothing held names a secret: only hashes (as bytes) are kept
+    assert "sk-acme" not in repr(ring.__dict__) and "plain-secret-two" not in repr(ring.__dict__)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("keys: [{id: acme, secrets: [x]}]", "key_"),
+    ("keys: [{id: key_a, secrets: ['sha256:12']}]", "64 hexadecimal"),
+    ("keys: [{id: key_a, secrets: [x]}, {id: key_a, secrets: [y]}]", "twice"),
+    ("keys: [{id: key_a, secrets: [x]}, {id: key_b, secrets: [x]}]", "two keys"),
+    ("keys: [{id: key_a, secrets: ['a b']}]", "whitespace"),
+    ("keys: [{id: key_a, secrets: [x], credit: 5}]", "credit"),
+    ("keys: [{id: key_a, secrets: []}]", "secrets"),
+    ("{not json", "not valid"),
+])
+def test_bad_keys_files_say_what_is_wrong_without_the_secret(text: str, problem: str):
+    with pytest.raises(ValueError, match=problem) as info:
+        parse_keys_file(text)
+    assert "sha256:" + "0" * 64 not in str(info.value)
+
+
+def test_a_keys_file_is_reloaded_when_it_changes_and_a_bad_version_keeps_the_loaded_keys(tmp_path):
+    path = tmp_path / "keys.yaml"
+    path.write_text("keys: [{id: key_a, secrets: [sk-a]}]")
+    watched = KeysFile(str(path))
+    assert watched.ring.find(b"sk-a").id == "key_a"
+    assert not watched.reload_if_changed()
+    path.write_text(json.dumps({"keys": [{"id": "key_b", "secrets": ["sk-b"]}]}))  # revokes a, adds b
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+    assert watched.reload_if_changed()
+    assert watched.ring.find(b"sk-a") is None and watched.ring.find(b"sk-b").id == "key_b"
+    path.write_text("keys: [{id: nope}]")
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 2_000_000))
+    assert not watched.reload_if_changed()
+    assert watched.ring.find(b"sk-b").id == "key_b"
+    with pytest.raises(ValueError, match="cannot load"):
+        KeysFile(str(tmp_path / "missing.yaml"))
+
+
+def test_keys_given_as_plain_secrets_get_stable_ids():
+    one = KeyRing.from_secrets((b"sk-1", b"sk-2"))
+    again = KeyRing.from_secrets((b"sk-2",))
+    assert one.find(b"sk-2").id == again.find(b"sk-2").id and one.find(b"sk-1").id != one.find(b"sk-2").id
+    with pytest.raises(ValueError, match="twice"):
+        one.merged(again)
+
+
+def test_clip_keys_new_adds_an_entry_whose_secret_is_accepted(tmp_path, capsys):
+    path = tmp_path / "keys.yaml"
+    assert clip_keys(["new", "--id", "key_acme", "--name", "ACME", "--credit-usd", "2.5",
+                      "--requests-per-minute", "60", "--add", str(path)]) == 0
+    secret = capsys.readouterr().err.strip().rsplit(" ", 1)[-1]
+    assert secret.startswith("sk-clip-") and secret not in path.read_text()
+    key = parse_keys_file(path.read_text()).find(secret.encode())
+    assert key.id == "key_acme" and key.limits.requests_per_minute == 60 and key.credit_nano_usd == 2_500_000_000
+
+
+@pytest.mark.parametrize("seconds, text", [
+    (0.012, "12ms"), (0.0, "0ms"), (1, "1s"), (1.5, "1.5s"), (360, "6m0s"), (59.9999, "1m0s"), (3723, "1h2m3s"),
+])
+def test_durations_are_written_as_openai_writes_them(seconds: float, text: str):
+    assert openai_duration(seconds) == text
+
+
+def test_a_key_gets_exactly_its_requests_per_minute_then_a_retry_time():
+    async def run():
+        limiter = RateLimiter(None)
+        verdicts = [await limiter.hit(30, "key_a", "requests", 1) for _ in range(31)]
+        other = await limiter.hit(30, "key_b", "requests", 1)
+        return verdicts, other
+
+    verdicts, other = asyncio.run(run())
+    assert all(v.allowed for v in verdicts[:30]) and not verdicts[30].allowed and other.allowed
+    assert [v.window.remaining for v in verdicts[:3]] == [29, 28, 27] and verdicts[29].window.remaining == 0
+    assert 0 < verdicts[30].retry_after_s <= 60 and verdicts[30].window.used == 30
+
+
+def test_costs_are_all_or_nothing_and_a_negative_hit_gives_back():
+    async def run():
+        limiter = RateLimiter(None)
+        big = await limiter.hit(100, "k", "tokens", 101)  # more than the limit: refused, nothing counted
+        first = await limiter.hit(100, "k", "tokens", 80)
+        over = await limiter.hit(100, "k", "tokens", 30)
+        back = await limiter.hit(100, "k", "tokens", -50)
+        fits = await limiter.hit(100, "k", "tokens", 30)
+        return big, first, over, back, fits
+
+    big, first, over, back, fits = asyncio.run(run())
+    assert not big.allowed and first.allowed and first.window.remaining == 20
+    assert not over.allowed and over.window.remaining == 20
+    assert back.allowed and back.window.remaining == 70 and fits.allowed and fits.window.remaining == 40
+
+
+def test_retry_time_follows_the_sliding_window():
+    # 60 in the previous minute with 30 s of it left weigh 30; 30 more now: full at 60
+    verdict = _verdict(False, 60, 1, previous=60, previous_ttl=30.0, current=30, current_ttl=90.0)
+    assert verdict.window.used == 60 and verdict.window.remaining == 0
+    assert verdict.retry_after_s == pytest.approx(1.0)  # one request frees every second (60 a minute)
+    only_current = _verdict(False, 10, 5, previous=0, previous_ttl=0.0, current=10, current_ttl=100.0)
+    # nothing frees before the current window (40 s left) ends; then its 10 weigh less as it ages: 5 fit after 30 s
+    assert only_current.retry_after_s == pytest.approx(40 + 30)
+
+
+def test_token_bound_is_never_below_open_clips_count(tiny_model_dir):
+    from serve_app.modeling import get_tokenizer
+    from serve_app.preprocess import tokenize
+
+    tokenizer = get_tokenizer(f"local-dir:{tiny_model_dir}")
+    rng = random.Random(0)
+    alphabet = "abc XYZ,.!?'\n\t&amp;<>é日本😀\u0958" + "".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(40))
+    texts = ["", " ", "a photo of a dog.", "&amp;" * 30, "😀" * 50, "\u0958" * 40]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 120))) for _ in range(300)]
+    counts = tokenize(tokenizer, texts).token_counts
+    for text, count in zip(texts, counts):
+        assert token_bound(text, 77) >= count, text
+    labels, templates = ["dog", "hot dog", "日本"], ("a photo of a {}.", "{}")
+    prompts = [t.replace("{}", label) for label in labels for t in templates]
+    assert prompt_token_bound(labels, templates, 77) == sum(token_bound(p, 77) for p in prompts)
+    assert sum(tokenize(tokenizer, prompts).token_counts) <= prompt_token_bound(labels, templates, 77)
+
+
+def test_prices_are_exact_integers_of_nano_dollars():
+    price = Price(usd_per_million_tokens=0.02, usd_per_thousand_images=0.1)
+    assert price_of(price, 7, 0) == 140  # 7 tokens at 2 cents a million
+    assert price_of(price, 0, 3) == 300_000  # 3 images at 10 cents a thousand
+    assert price_of(price, 1_000_000, 1000) == 20_000_000 + 100_000_000

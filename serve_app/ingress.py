@@ -261,7 +261,9 @@ class EveryRequest:
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
                 if tenant is not None:  # the reservation settled; OpenAI's rate-limit headers on every answer
-                    message["headers"] = [*message.get("headers", []), *await _settled(tenancy, tenant)]
+                    own = list(message.get("headers", []))
+                    present = {name.lower() for name, _ in own}
+                    message["headers"] = own + [h for h in await _settled(tenancy, tenant) if h[0] not in present]
             await send(message)
 
         tenant: Tenant | None = None

@@ -853,3 +853,160 @@ def test_documented_secret_command_makes_the_template_keys(tmp_path: Path):
     for key in ("redis-url", "database-url"):
         assert made[key].replace(urlsplit(made[key]).password, "X") == \
             values[key].replace(urlsplit(values[key]).password, "X")
+
+
+# ------------------------------------------------------------------ customers' keys file (the Secret clip-keys)
+
+KEYS_SECRET = "clip-keys"
+KEYS_TEMPLATE = K8S / "base" / "clip-keys.example.yaml"
+SECRET_TOKEN = re.compile(r"sk-[A-Za-z0-9_-]{16,}")  # what clip-keys hands out (`sk-clip-` + 43 characters)
+
+
+def keys_mount(spec: dict) -> tuple[dict, dict, str]:
+    """A worker pod's keys volume, its mount in the Ray container, and the file CLIP_KEYS_FILE names."""
+    (volume,) = [v for v in spec["volumes"] if v.get("secret", {}).get("secretName") == KEYS_SECRET]
+    container = spec["containers"][0]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    (env,) = [e for e in container["env"] if e["name"] == "CLIP_KEYS_FILE"]
+    return volume, mount, env["value"]
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, EXTERNAL])
+def test_keys_file_reaches_only_the_ingress_pods_as_a_directory(variant: str):
+    """The Secret clip-keys is a read-only directory (no subPath: a subPath mount never sees a Secret's update)
+    on every pod that can run an ingress replica (the worker groups) and nowhere else (not the head, which runs
+    none, its autoscaler, the Job or an init container); CLIP_KEYS_FILE names its file, at the volume's top,
+    where the kubelet keeps the symlink into `..data` that it swaps on an update."""
+    docs = build(variant)
+    rayservice = one(docs, "RayService")
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no replica on the head
+    assert KEYS_SECRET not in json.dumps(cluster["autoscalerOptions"])
+    ingress_cpus = serve_config(rayservice)["applications"][0]["args"]["ingress"]["num_cpus"]
+    mounted = set()
+    for name, spec in pod_specs(docs).items():
+        text = json.dumps(spec)
+        if name in ("head", "fetch-weights"):
+            assert KEYS_SECRET not in text and "CLIP_KEYS_FILE" not in text, name
+            continue
+        container = spec["containers"][0]
+        assert float(container["resources"]["limits"]["cpu"]) >= ingress_cpus, name  # an ingress fits here
+        volume, mount, path = keys_mount(spec)
+        assert volume["secret"]["defaultMode"] == 0o440, name  # the pod's user and group (fsGroup) only
+        assert not volume["secret"].get("optional"), name  # no Secret: the pod waits, no ingress fails on start
+        assert mount["readOnly"] is True and "subPath" not in mount and "subPathExpr" not in mount, name
+        items = {i["key"]: i["path"] for i in volume["secret"].get("items", [])} or {"keys.yaml": "keys.yaml"}
+        assert set(items) == {"keys.yaml"} and "/" not in items["keys.yaml"], name
+        assert path == f"{mount['mountPath']}/{items['keys.yaml']}", name
+        assert not [m for m in container["volumeMounts"] if m["mountPath"] != mount["mountPath"] and
+                    (m["mountPath"] + "/").startswith(mount["mountPath"] + "/")], name  # nothing mounted over it
+        for init in spec.get("initContainers", []):
+            assert KEYS_SECRET not in json.dumps(init) and volume["name"] not in json.dumps(init), name
+        mounted.add(name)
+    workers = {n for n, labels in pod_labels(docs).items() if labels.get("ray.io/node-type") == "worker"}
+    assert mounted == workers and workers
+    # no Secret anywhere is mounted through subPath (every one of them would miss its updates)
+    for name, spec in pod_specs(docs).items():
+        secrets = {v["name"] for v in spec.get("volumes", []) if "secret" in v}
+        for container in spec["containers"] + spec.get("initContainers", []):
+            for mount in container.get("volumeMounts", []):
+                assert mount["name"] not in secrets or not ({"subPath", "subPathExpr"} & set(mount)), (name, mount)
+
+
+def test_keys_template_holds_hashes_only():
+    """k8s/base/clip-keys.example.yaml is the Secret's template, applied by nothing: its keys file loads, every
+    secret in it is a `sha256:` hash (the loader would hash a plain one silently: the raw text is checked), and
+    no file under k8s/ holds a secret clip-keys would hand out. No build holds a Secret."""
+    from serve_app.tenancy.keys import HASH_PREFIX, parse_keys_file
+
+    template = yaml.safe_load(KEYS_TEMPLATE.read_text())
+    assert (template["kind"], template["metadata"]["name"]) == ("Secret", KEYS_SECRET) and "data" not in template
+    assert set(template["stringData"]) == {"keys.yaml"}
+    text = template["stringData"]["keys.yaml"]
+    raw = yaml.safe_load(text)
+    entries = raw.get("keys", []) + raw.get("admin_keys", [])
+    assert raw.get("keys") and raw.get("admin_keys")  # an example of each
+    for entry in entries:
+        assert entry["secrets"] and all(re.fullmatch(HASH_PREFIX + "[0-9a-f]{64}", s) for s in entry["secrets"]), \
+            entry["id"]
+    ring = parse_keys_file(text, str(KEYS_TEMPLATE))
+    assert set(ring.keys) == {e["id"] for e in entries}
+    for path in K8S.rglob("*"):
+        if path.is_file():
+            assert not SECRET_TOKEN.search(path.read_text(errors="replace")), path
+    for kustomization in K8S.rglob("kustomization.yaml"):  # no kustomization names a template
+        assert ".example.yaml" not in json.dumps(yaml.safe_load(kustomization.read_text())), kustomization
+    for variant in [*VARIANTS, EXTERNAL]:
+        docs = build(variant)
+        assert not [d for d in docs if d["kind"] == "Secret"], variant
+        assert secret_keys(list(docs), KEYS_SECRET) == set(template["stringData"]), variant
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate.validate({**template, "metadata": {**template["metadata"], "namespace": "clip"}},
+                                 K8S_VERSION, strict=True)
+
+
+def test_probe_key_stays_valid_beside_the_keys_file(tmp_path: Path):
+    """The readiness probe's key (the first plain key of clip-api-keys) gets in beside the keys file, as the
+    ingress builds its keys (serve_app/ingress.py: the plain keys, then the file): a derived id, no rate limit
+    whatever the file's `defaults`, no credit limit (never 429 insufficient_quota), not an admin key (/health is
+    an API route)."""
+    import asyncio
+
+    from serve_app.config import TenancySettings
+    from serve_app.tenancy.gate import Tenancy
+    from serve_app.tenancy.keys import KeyLimits, KeyRing
+
+    api_keys = tmp_path / "api-keys"
+    api_keys.write_text("# the probe's key first\nprobe-key\n")
+    keys_file = tmp_path / "keys.yaml"
+    text = yaml.safe_load(KEYS_TEMPLATE.read_text())["stringData"]["keys.yaml"]
+    keys_file.write_text(text.replace("requests_per_minute: 3000", "requests_per_minute: 1"))  # tight defaults
+    plain = resolve_api_keys(None, None, environ={"CLIP_API_KEYS_FILE": str(api_keys)})
+    tenancy = Tenancy(TenancySettings(), KeyRing.from_secrets(plain), environ={
+        "CLIP_KEYS_FILE": str(keys_file), "CLIP_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'usage.db'}"})
+    assert tenancy.enabled and {"key_example", "key_ops"} <= set(tenancy.ring.keys)
+    tenant = tenancy.authenticate("Bearer probe-key", bearer_token("Bearer probe-key"), "/health", "req_probe")
+    key = tenant.key
+    assert re.fullmatch(r"key_[0-9a-f]{16}", key.id) and not key.admin
+    assert key.limits == KeyLimits() and key.credit_nano_usd is None and tenancy.remaining_credit(key) is None
+
+    async def probes() -> None:
+        for _ in range(5):  # past any per-minute limit of 1: none applies to this key
+            await tenancy.admit(tenancy.authenticate("Bearer probe-key", b"probe-key", "/health", "req_probe"))
+
+    asyncio.run(probes())
+
+
+def test_mounted_keys_file_reloads_on_a_secret_update(tmp_path: Path):
+    """The kubelet's Secret volume (its atomic writer): each version in a `..<timestamp>` directory, `..data` a
+    symlink to the current one, and the file a symlink into `..data`; an update writes a new directory and swaps
+    `..data` in one rename. CLIP_KEYS_FILE, as the manifest names it, follows the swap (a new inode: reloaded,
+    even at the same size); the file a subPath mount pins (the version resolved at the container's start) never
+    changes."""
+    from serve_app.tenancy.keys import KeysFile
+
+    _, mount, path = keys_mount(ray_pod_specs(one(build("gpu"), "RayService"))["gpu-group"])
+    name = os.path.relpath(path, mount["mountPath"])
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    text = yaml.safe_load(KEYS_TEMPLATE.read_text())["stringData"]["keys.yaml"]
+
+    def write_version(stamp: str, content: str) -> Path:
+        version = volume / f"..{stamp}"
+        version.mkdir()
+        (version / name).write_text(content)
+        (volume / "..data_tmp").symlink_to(version.name)
+        os.replace(volume / "..data_tmp", volume / "..data")
+        return version / name
+
+    first = write_version("2025_01_01_00_00_00.000000001", text)
+    (volume / name).symlink_to(f"..data/{name}")
+    watched, pinned = KeysFile(str(volume / name)), KeysFile(str(first))
+    assert "key_example_billed" in watched.ring.keys and not watched.reload_if_changed()
+    # the same length: a revoked id renamed, one secret replaced by another hash
+    rotated = text.replace("key_example_billed", "key_example_renewd").replace(
+        "sha256:56bd1a84941c2ba408acc3b7bc1f392b7a0014f05743f1f44c5409b7bf05ad51", "sha256:" + "0" * 64)
+    assert len(rotated) == len(text)
+    write_version("2025_01_01_00_01_00.000000001", rotated)
+    assert watched.reload_if_changed() and set(watched.ring.keys) == {"key_example", "key_example_renewd", "key_ops"}
+    assert not pinned.reload_if_changed() and "key_example_billed" in pinned.ring.keys

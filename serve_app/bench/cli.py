@@ -404,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     cpu.add_argument("--duration", type=float, default=15.0)
     cpu.add_argument("--warmup", type=float, default=3.0)
     cpu.add_argument("--encoder-rate", type=float, default=10_000.0, help="items/s of one GPU, for cores per GPU")
+    cpu.add_argument("--latency", type=float, default=5.0,
+                     help="seconds of one client alone per payload after the loaded window (p50 at c=1); 0: none")
     _server_run_args(cpu, "cpu")
     cpu.set_defaults(func=cmd_cpu)
 
@@ -506,7 +508,8 @@ def cmd_cpu(args: argparse.Namespace) -> int:
     settings = CpuSettings(model=args.model, pretrained=_pretrained(args.pretrained) if args.model else None,
                            threads=args.threads, layouts=_strs(args.layouts), payloads=payloads,
                            concurrency=args.concurrency, duration_s=args.duration, warmup_s=args.warmup,
-                           encoder_rate=args.encoder_rate, app_args=json.loads(args.app_args), workdir=args.workdir)
+                           encoder_rate=args.encoder_rate, latency_s=args.latency,
+                           app_args=json.loads(args.app_args), workdir=args.workdir)
     report = run_cpu(settings)
     json_path, _ = _out_paths(args, "cpu")
     write_json(json_path, report)

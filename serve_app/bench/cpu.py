@@ -10,7 +10,9 @@ drives each payload closed-loop at a fixed concurrency, and reads the CPU time o
 service (the `serve run` process tree: Ray's GCS, raylet and workers, HAProxy, the replicas) before and after
 the window; the load generator runs in this process, outside that tree. It reports CPU ms per request and per
 item, requests/s, the pools/one-process ratio per payload, and the cores those CPU costs imply at a stated
-encoder rate. The tokenizer's own cost per text is measured in-process beside it.
+encoder rate; then, one client at a time (`latency_s`), the p50 latency and CPU per request of a lone client,
+which any batching of concurrent requests must not make worse. The tokenizer's own cost per text is measured
+in-process beside it.
 """
 
 import os
@@ -50,6 +52,7 @@ class CpuSettings:
     duration_s: float = 15.0
     warmup_s: float = 3.0
     encoder_rate: float = 10_000.0  # items/s one GPU encodes, for the cores-per-GPU column
+    latency_s: float = 5.0  # window of the concurrency-1 run per payload (0: none)
     app_args: dict[str, Any] = field(default_factory=dict)
     workdir: str = "/tmp/clip-bench-cpu"
 
@@ -74,6 +77,25 @@ def tokenizer_us_per_text(model: str, count: int = 4096) -> float:
     for i in range(0, count, 64):
         tokenizer(texts[i : i + 64])
     return 1e6 * (time.perf_counter() - start) / count
+
+
+def _lone_client(server: Any, payload: Any, seconds: float) -> dict[str, Any]:
+    """One client, each request sent when the last returns: p50/p99 latency and CPU per request."""
+    from serve_app.bench.loadgen import Level, LoadSettings, run_load
+
+    cpu_before, start = tree_cpu_s(server.process.pid), time.perf_counter()
+    (result,) = run_load(server.base_url, payload, [Level(concurrency=1)],
+                         LoadSettings(duration_s=seconds, warmup_s=0.5, progress=False))
+    cpu_s = tree_cpu_s(server.process.pid) - cpu_before
+    # the warm-up's requests are in the CPU window too: divide by every request sent
+    sent = max(result.sent, 1)
+    return {"c1_p50_ms": _round(result.latency_ms.get("p50")), "c1_p99_ms": _round(result.latency_ms.get("p99")),
+            "c1_cpu_ms_per_request": round(1000 * cpu_s / sent, 3), "c1_errors": result.errors,
+            "c1_wall_s": round(time.perf_counter() - start, 2)}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
 def run_cpu(settings: CpuSettings) -> dict[str, Any]:
@@ -113,6 +135,7 @@ def run_cpu(settings: CpuSettings) -> dict[str, Any]:
                                      LoadSettings(duration_s=settings.duration_s, warmup_s=0.0, progress=False))
                 cpu_s, wall_s = tree_cpu_s(server.process.pid) - cpu_before, time.perf_counter() - start
                 done = max(result.completed, 1)
+                alone = _lone_client(server, payload, settings.latency_s) if settings.latency_s > 0 else {}
                 rows.append({
                     "layout": layout, "payload": f"{kind} x{items}", "requests_per_s": round(done / wall_s, 1),
                     "items_per_s": round(done * items / wall_s, 1), "ok": result.ok, "completed": result.completed,
@@ -120,7 +143,7 @@ def run_cpu(settings: CpuSettings) -> dict[str, Any]:
                     "cpu_ms_per_request": round(1000 * cpu_s / done, 3),
                     "cpu_ms_per_item": round(1000 * cpu_s / (done * items), 3),
                     "cores_at_encoder_rate": round(settings.encoder_rate * cpu_s / (done * items), 2),
-                    "errors": result.errors,
+                    "errors": result.errors, **alone,
                 })
     ratios = {}
     for row in rows:
@@ -139,10 +162,11 @@ def cpu_table(report: dict[str, Any]) -> str:
     rate = report["settings"]["encoder_rate"]
     table = format_table(
         ["layout", "payload", "requests/s", "items/s", "CPU ms/request", "CPU ms/item",
-         f"cores at {rate:,.0f} items/s", "errors"],
+         f"cores at {rate:,.0f} items/s", "errors", "c=1 p50 ms", "c=1 CPU ms/request"],
         [[r["layout"], r["payload"], r["requests_per_s"], r["items_per_s"], r["cpu_ms_per_request"],
-          r["cpu_ms_per_item"], r["cores_at_encoder_rate"], ", ".join(f"{k}: {v}" for k, v in r["errors"].items())
-          or "none"] for r in report["rows"]],
+          r["cpu_ms_per_item"], r["cores_at_encoder_rate"],
+          ", ".join(f"{k}: {v}" for k, v in {**r["errors"], **r.get("c1_errors", {})}.items()) or "none",
+          r.get("c1_p50_ms"), r.get("c1_cpu_ms_per_request")] for r in report["rows"]],
     )
     ratios = ", ".join(f"{k}: {v}x" for k, v in report["pools_over_one_process"].items())
     return (f"{table}\n\nCPU per request, pools / one process: {ratios}\n"

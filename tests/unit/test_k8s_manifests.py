@@ -830,12 +830,13 @@ def test_no_secret_is_committed_and_the_template_fits_the_manifests():
     assert "CREATE ROLE clip LOGIN PASSWORD" in script and "CREATE DATABASE clip OWNER clip" in script
 
 
-def test_documented_secret_command_makes_the_template_keys(tmp_path: Path):
-    """k8s/tenancy/README.md's command, run with kubectl and openssl stubbed: the template's keys, fresh
-    passwords, and URLs that carry the passwords the servers get."""
+@pytest.mark.parametrize("readme_path", [TENANCY / "README.md", K8S / "README.md"], ids=["tenancy", "k8s"])
+def test_documented_secret_command_makes_the_template_keys(tmp_path: Path, readme_path: Path):
+    """k8s/tenancy/README.md's command (and its copy in k8s/README.md's install steps), run with kubectl and
+    openssl stubbed: the template's keys, fresh passwords, and URLs that carry the passwords the servers get."""
     from urllib.parse import urlsplit
 
-    readme = (TENANCY / "README.md").read_text()
+    readme = readme_path.read_text()
     (block,) = [b for b in re.findall(r"```sh\n(.*?)```", readme, re.S) if "--from-literal=redis-password" in b]
     stubs = ("kubectl() { printf '%s\\n' \"$@\"; }\n"  # prints its arguments, one a line
              "openssl() { head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n'; }\n")  # 48 hex digits
@@ -1010,3 +1011,46 @@ def test_mounted_keys_file_reloads_on_a_secret_update(tmp_path: Path):
     write_version("2025_01_01_00_01_00.000000001", rotated)
     assert watched.reload_if_changed() and set(watched.ring.keys) == {"key_example", "key_example_renewd", "key_ops"}
     assert not pinned.reload_if_changed() and "key_example_billed" in pinned.ring.keys
+
+
+def test_documented_keys_commands_make_a_secret_of_hashes(tmp_path: Path):
+    """k8s/README.md's clip-keys commands, run with kubectl and openssl stubbed and clip-keys as the module: the
+    install makes a keys file of hashes whose secrets (on stderr, once) get in as their ids, and the Secret from
+    it; the edit fetches the cluster's file, adds a key, hashes a rotated secret and applies the file back."""
+    import sys
+
+    from serve_app.tenancy.keys import parse_keys_file
+
+    readme = (K8S / "README.md").read_text()
+    install, edit = [b for b in re.findall(r"```sh\n(.*?)```", readme, re.S) if "clip-keys new" in b]
+    stubs = (f"clip-keys() {{ {sys.executable} -m serve_app.tenancy.cli \"$@\"; }}\n"
+             "openssl() { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; }\n"
+             "kubectl() { case \" $* \" in\n"
+             "  *' get secret clip-keys '*) base64 -w0 < cluster-keys.yaml ;;\n"  # what the cluster holds
+             "  *' apply -f - '*) cat > applied ;;\n"
+             "  *) printf '%s\\n' \"$@\" > created ;;\n"
+             "esac; }\n")
+
+    def run(block: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-euo", "pipefail", "-c", stubs + block], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    out = run(install)
+    text = (tmp_path / "keys.yaml").read_text()
+    assert not SECRET_TOKEN.search(text) and set(re.findall(r"sha256:[0-9a-f]{64}", text))
+    ring = parse_keys_file(text)
+    shown = dict(re.findall(r"secret of (key_\w+) \(shown once\): (\S+)", out.stderr))
+    assert set(shown) == set(ring.keys) == {"key_ops", "key_acme"}
+    assert all(ring.find(secret.encode()).id == key_id for key_id, secret in shown.items())
+    assert ring.keys["key_ops"].admin and ring.keys["key_acme"].credit_nano_usd == 5 * 10**9
+    assert (tmp_path / "created").read_text().split() == [
+        "-n", "clip", "create", "secret", "generic", "clip-keys", "--from-file=keys.yaml=keys.yaml"]
+
+    (tmp_path / "keys.yaml").rename(tmp_path / "cluster-keys.yaml")
+    out = run(edit)
+    ring = parse_keys_file((tmp_path / "keys.yaml").read_text())
+    assert set(ring.keys) == {"key_ops", "key_acme", "key_globex"}
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", out.stdout.strip())  # the rotated secret's line for the file
+    created = (tmp_path / "created").read_text().split()
+    assert created[:6] == ["-n", "clip", "create", "secret", "generic", "clip-keys"]
+    assert {"--from-file=keys.yaml=keys.yaml", "--dry-run=client", "yaml"} <= set(created)

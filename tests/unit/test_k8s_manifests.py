@@ -251,19 +251,107 @@ def test_podmonitor_scrapes_ports_the_pods_declare():
         assert group["rayStartParams"]["metrics-export-port"] == "8080"
 
 
+DASHBOARD = K8S / "grafana" / "clip-dashboard.json"
+# Metrics of serve_app/metrics.py that no panel shows (yet), each with why; every other one must be on the dashboard.
+NOT_ON_DASHBOARD = {
+    "ray_clip_inputs_total": "items embedded: Requests/s and Batch size show the load",
+    "ray_clip_label_cache_lookups_total": "zero-shot label cache: a tuning detail",
+    "ray_clip_refill_wait_seconds_bucket": "the encoder gate's refill wait: a tuning detail",
+    "ray_clip_event_loop_lag_seconds_bucket": "event loop lag: for diagnosis",
+    "ray_clip_autoscaling_pending_batches": "what the policy acts on: Queue depth shows the items",
+}
+# The per-key metrics of serve_app/tenancy (row "Customers (per key)"): how each is shown.
+CUSTOMER_PANELS = {
+    "ray_clip_key_requests_total": ("by (key_id, status)", True),  # (grouping, topk(10))
+    "ray_clip_key_tokens_total": ("by (key_id)", True),
+    "ray_clip_key_images_total": ("by (key_id)", True),
+    "ray_clip_key_refusals_total": ("by (key_id, reason)", True),
+    "ray_clip_rate_limit_store_degraded": ("by (replica)", False),
+    "ray_clip_usage_records_spooled": ("by (replica)", False),
+    "ray_clip_usage_records_dropped": ("by (replica)", False),
+}
+
+
+def exported_metrics() -> set[str]:
+    """The Prometheus name of every metric serve_app/metrics.py defines, as Ray exports it (`ray_` prefix;
+    counters `_total`, histograms by their `_bucket` series, gauges as named)."""
+    import ast
+
+    from serve_app.metrics import PREFIX
+
+    suffix = {"Counter": "_total", "Histogram": "_bucket", "Gauge": ""}
+    names = set()
+    for node in ast.walk(ast.parse((ROOT / "serve_app" / "metrics.py").read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in suffix:
+            first = node.args[0]
+            assert isinstance(first, ast.BinOp) and isinstance(first.right, ast.Constant), ast.dump(first)
+            assert isinstance(first.left, ast.Name) and first.left.id == "PREFIX", ast.dump(first)
+            names.add(f"ray_{PREFIX}{first.right.value}{suffix[node.func.attr]}")
+    return names
+
+
 def test_grafana_dashboard_covers_the_service():
-    dashboard = json.loads((K8S / "grafana" / "clip-dashboard.json").read_text())
+    dashboard = json.loads(DASHBOARD.read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
     for metric in ("ray_clip_requests_total", "ray_clip_request_seconds_bucket", "ray_clip_preprocess_seconds_bucket",
                    "ray_clip_queue_wait_seconds_bucket", "ray_clip_encode_seconds_bucket", "ray_clip_batch_size_bucket",
                    "ray_clip_batch_fill_bucket", "ray_clip_encoder_pending_items", "ray_clip_encoder_running_items",
                    "ray_clip_rejected_requests_total", "ray_clip_autoscaling_desired_replicas",
                    "ray_serve_deployment_replica_healthy", "ray_serve_autoscaling_target_replicas",
-                   "ray_serve_deployment_queued_queries", "ray_node_cpu_utilization", "ray_node_gpus_utilization"):
+                   "ray_serve_deployment_queued_queries", "ray_node_cpu_utilization", "ray_node_gpus_utilization",
+                   *CUSTOMER_PANELS):
         assert metric in exprs, metric
+    # every metric of serve_app/metrics.py is in some panel's query, or named above as left off (and then is not)
+    defined = exported_metrics()
+    assert set(CUSTOMER_PANELS) <= defined and set(NOT_ON_DASHBOARD) <= defined
+    shown = {m for m in defined if re.search(rf"\b{m}\b", exprs)}
+    missing, stale = defined - shown - set(NOT_ON_DASHBOARD), shown & set(NOT_ON_DASHBOARD)
+    assert not missing and not stale, (missing, stale)
     configmap = one(build("gpu"), "ConfigMap", "clip-grafana-dashboard")
     assert json.loads(configmap["data"]["clip-dashboard.json"]) == dashboard
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+def test_grafana_dashboard_panels_follow_its_conventions():
+    """Unique ids; every panel and query on the `datasource` variable, every series filtered by the `cluster`
+    variable; rows full width, panels on the 24-column grid without overlap, in reading order; the per-key row
+    shows each customer metric grouped by key id (the busiest 10) or by ingress replica."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = dashboard["panels"]
+    assert {v["name"] for v in dashboard["templating"]["list"]} >= {"datasource", "cluster"}
+    assert len({p["id"] for p in panels}) == len(panels)
+    variable = {"type": "prometheus", "uid": "${datasource}"}
+    cells = set()
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        taken = {(grid["x"] + i, grid["y"] + j) for i in range(grid["w"]) for j in range(grid["h"])}
+        assert not taken & cells, panel["title"]
+        cells |= taken
+        if panel["type"] == "row":
+            assert (grid["w"], grid["h"], grid["x"]) == (24, 1, 0) and panel["panels"] == [], panel["title"]
+            continue
+        assert panel["datasource"] == variable, panel["title"]
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(set(refs)) == len(refs), panel["title"]
+        for target in panel["targets"]:
+            expr = target["expr"]
+            assert target["datasource"] == variable and target["legendFormat"], panel["title"]
+            assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), expr
+            for metric in re.findall(r"\bray_(?:clip|serve|node)_\w+", expr):
+                assert f'{metric}{{ray_io_cluster=~"$cluster"' in expr, (panel["title"], metric)
+    assert [(p["gridPos"]["y"], p["gridPos"]["x"]) for p in panels] == \
+        sorted((p["gridPos"]["y"], p["gridPos"]["x"]) for p in panels)
+
+    (row,) = [i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == "Customers (per key)"]
+    end = next((i for i, p in enumerate(panels) if i > row and p["type"] == "row"), len(panels))
+    assert all(p["type"] == "timeseries" and p["description"] for p in panels[row + 1:end])
+    customers = [t["expr"] for p in panels[row + 1:end] for t in p["targets"]]
+    for metric, (grouping, top) in CUSTOMER_PANELS.items():
+        (expr,) = [e for e in customers if metric in e]
+        assert grouping in expr, expr
+        assert expr.startswith("topk(10, ") == top, expr
+        assert ("rate(" in expr) == metric.endswith("_total"), expr  # counters as rates, gauges as they are
 
 
 # ------------------------------------------------------------------ no drift from deploy/

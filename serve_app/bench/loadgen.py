@@ -301,7 +301,8 @@ def load_report(base_url: str, payload: PayloadKind, settings: LoadSettings, res
     }
 
 
-def wait_until_serving(base_url: str, payload: PayloadKind, timeout_s: float, process: Any = None) -> float:
+def wait_until_serving(base_url: str, payload: PayloadKind, timeout_s: float, process: Any = None,
+                       headers: dict[str, str] | None = None) -> float:
     """Polls with one real request until it succeeds; returns the seconds waited. Raises on timeout/exit."""
     import httpx
 
@@ -315,7 +316,7 @@ def wait_until_serving(base_url: str, payload: PayloadKind, timeout_s: float, pr
             try:
                 response = client.post(
                     base_url.rstrip("/") + request.path, content=request.body,
-                    headers={"content-type": "application/json"},
+                    headers={"content-type": "application/json", **(headers or {})},
                 )
                 if response.status_code == 200:
                     return time.perf_counter() - started

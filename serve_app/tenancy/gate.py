@@ -17,14 +17,14 @@ import logging
 import os
 import time
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from serve_app import metrics
 from serve_app.config import Price, TenancySettings
 from serve_app.errors import Forbidden, QuotaExceeded, RateLimited, Unauthorized
 from serve_app.tenancy.keys import NANO, Key, KeyLimits, KeyRing, KeysFile
-from serve_app.tenancy.limiter import RateLimiter, Verdict, Window, openai_duration
+from serve_app.tenancy.limiter import RateLimiter, Verdict, Want, Window, openai_duration
 from serve_app.tenancy.metering import UsageRecord, UsageStore
 
 logger = logging.getLogger("serve_app.tenancy")
@@ -79,6 +79,7 @@ class Tenant:
     request_id: str
     windows: dict[str, Window] = field(default_factory=dict)
     reserved: dict[str, int] = field(default_factory=dict)
+    counted: bool = False  # the request was counted against its requests per minute
     model: str | None = None
     tokens: int = 0
     images: int = 0
@@ -119,6 +120,8 @@ class Tenancy:
         self._metric_ids: set[str] = set()
         self._tasks: list[asyncio.Task] = []
         self._started: asyncio.Task | None = None
+        self._backs: dict[str, dict[str, int]] = {}  # key id → kind → held beyond use, to give back
+        self._blocked: dict[str, tuple[float, Verdict]] = {}  # key id → (until, refusal) of its requests limit
 
     @property
     def enabled(self) -> bool:
@@ -140,7 +143,8 @@ class Tenancy:
         await self.store.start()
         await self.refresh_balances()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._watch_keys()), loop.create_task(self._watch_balances())]
+        self._tasks = [loop.create_task(self._watch_keys()), loop.create_task(self._watch_balances()),
+                       loop.create_task(self._watch_backs())]
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -198,6 +202,9 @@ class Tenancy:
         return key.credit_nano_usd + granted - spent - self.store.pending_cost(key.id)
 
     async def admit(self, tenant: Tenant) -> None:
+        """Before the body is read: credit left, and no refusal of the key's requests still running. The
+        request itself is counted with its tokens and images (`reserve`), or as it is answered (`settle`):
+        one round trip to Redis a request."""
         if tenant.key.admin:
             return
         left = self.remaining_credit(tenant.key)
@@ -206,34 +213,49 @@ class Tenancy:
             raise QuotaExceeded(
                 "You exceeded your current quota: this key's credit is spent. Ask your provider to top it up."
             )
+        blocked = self._blocked.get(tenant.key.id)
+        if blocked is not None:
+            until, refusal = blocked
+            wait = until - time.monotonic()
+            if wait > 0:  # refused a moment ago: refused again without a round trip or reading the body
+                self._take(tenant, "requests", 1, Verdict(False, refusal.window, wait))
+            del self._blocked[tenant.key.id]
+
+    def _wants(self, tenant: Tenant, tokens: int, images: int, count_request: bool) -> list[Want]:
         limits = tenant.key.limits
-        if limits.requests_per_minute is not None:
-            verdict = await self.limiter.hit(limits.requests_per_minute, tenant.key.id, "requests", 1)
-            self._take(tenant, "requests", 1, verdict)
+        backs = self._backs.pop(tenant.key.id, {})
+        wants = []
+        for kind, per_minute, cost in (("requests", limits.requests_per_minute, 1 if count_request else 0),
+                                       ("tokens", limits.tokens_per_minute, tokens),
+                                       ("images", limits.images_per_minute, images)):
+            if per_minute is not None:
+                wants.append(Want(kind, per_minute, cost, backs.get(kind, 0)))
+        return wants
 
     async def reserve(self, tenant: Tenant, tokens: int, images: int) -> None:
-        """Holds the request's bound of tokens and its images against the key's limits before any work."""
-        limits = tenant.key.limits
-        wanted = {k: (per_minute, cost) for k, per_minute, cost in (
-            ("tokens", limits.tokens_per_minute, tokens), ("images", limits.images_per_minute, images))
-            if per_minute is not None}
-        verdicts = await asyncio.gather(*(self.limiter.hit(pm, tenant.key.id, k, c) for k, (pm, c) in wanted.items()))
-        refused = None
-        for (kind, (_, cost)), verdict in zip(wanted.items(), verdicts):
-            if verdict.allowed:
-                tenant.reserved[kind] = cost
-                tenant.windows[kind] = verdict.window
-            elif refused is None:
-                refused = (kind, cost, verdict)
-        if refused is not None:
-            await self._give_back(tenant)  # all or nothing: what was taken for the other kind returns
-            self._take(tenant, *refused)
+        """Counts the request and holds its bound of tokens and its images against the key's limits, all or
+        nothing, before any work."""
+        if tenant.key.admin or tenant.counted:
+            return
+        wants = self._wants(tenant, tokens, images, count_request=True)
+        fits, verdicts = await self.limiter.hit_many(tenant.key.id, wants)
+        tenant.counted = True
+        for kind, verdict in verdicts.items():
+            tenant.windows[kind] = verdict.window
+        if fits:
+            tenant.reserved = {"tokens": tokens, "images": images}
+            return
+        kind = next(w.kind for w in wants if w.cost > 0 and not verdicts[w.kind].allowed)
+        cost = {"requests": 1, "tokens": tokens, "images": images}[kind]
+        self._take(tenant, kind, cost, verdicts[kind])
 
     def _take(self, tenant: Tenant, kind: str, cost: int, verdict: Verdict) -> None:
         tenant.windows[kind] = verdict.window
         if verdict.allowed:
             return
         window = verdict.window
+        if kind == "requests":
+            self._blocked[tenant.key.id] = (time.monotonic() + verdict.retry_after_s, verdict)
         self._refused(tenant, f"rate_limited_{kind}")
         error = RateLimited(
             f"Rate limit reached for {tenant.key.id} on {KIND_NAMES[kind]}: Limit {window.limit}, Used "
@@ -244,35 +266,47 @@ class Tenancy:
         error.headers = self.headers(tenant)
         raise error
 
-    async def _give_back(self, tenant: Tenant) -> None:
-        limits = tenant.key.limits
-        per_minute = {"tokens": limits.tokens_per_minute, "images": limits.images_per_minute}
-        back = {k: v for k, v in tenant.reserved.items() if v}
-        tenant.reserved = {}
-        verdicts = await asyncio.gather(*(self.limiter.hit(per_minute[k], tenant.key.id, k, -v)
-                                          for k, v in back.items()))
-        for kind, verdict in zip(back, verdicts):
-            tenant.windows[kind] = verdict.window
-
     async def settle(self, tenant: Tenant) -> list[tuple[bytes, bytes]]:
-        """The reservation becomes what was used; the answer's rate-limit headers."""
-        if tenant.settled:
+        """The answer's rate-limit headers. A reservation becomes what was used without a round trip: the
+        excess is given back with the key's next call to the store (or within a second, `_watch_backs`), and
+        the headers count it as given back already."""
+        if tenant.settled or tenant.key.admin:
             return _encode(self.headers(tenant))
         tenant.settled = True
-        limits = tenant.key.limits
-        per_minute = {"tokens": limits.tokens_per_minute, "images": limits.images_per_minute}
-        actual = {"tokens": tenant.tokens, "images": tenant.images}
-        jobs = {}
+        if not tenant.counted:  # answered without a reservation (GET routes, a refused body): counted now
+            tenant.counted = True
+            _, verdicts = await self.limiter.hit_many(tenant.key.id, self._wants(tenant, 0, 0, True))
+            for kind, verdict in verdicts.items():
+                tenant.windows[kind] = verdict.window
+            return _encode(self.headers(tenant))
+        used = {"tokens": tenant.tokens, "images": tenant.images}
+        backs = self._backs.setdefault(tenant.key.id, {})
         for kind in ("tokens", "images"):
-            if per_minute[kind] is None:
-                continue
-            # the bound held is at least what was used: the excess goes back (a negative hit always passes)
-            delta = actual[kind] - tenant.reserved.get(kind, 0)
-            jobs[kind] = self.limiter.hit(per_minute[kind], tenant.key.id, kind, delta)
-        results = await asyncio.gather(*jobs.values())
-        for kind, verdict in zip(jobs, results):
-            tenant.windows[kind] = verdict.window
+            excess = tenant.reserved.get(kind, 0) - used[kind]
+            window = tenant.windows.get(kind)
+            if excess > 0 and window is not None:
+                backs[kind] = backs.get(kind, 0) + excess
+                tenant.windows[kind] = replace(window, remaining=min(window.limit, window.remaining + excess),
+                                               used=max(0, window.used - excess))
+        if not any(backs.values()):
+            self._backs.pop(tenant.key.id, None)
         return _encode(self.headers(tenant))
+
+    async def _watch_backs(self) -> None:
+        """Gives back, each second, what finished requests held beyond their use and no later request of their
+        key has carried to the store yet."""
+        while True:
+            await asyncio.sleep(1.0)
+            for key_id in list(self._backs):
+                key = self.ring.keys.get(key_id)
+                if key is None:
+                    self._backs.pop(key_id, None)
+                    continue
+                tenant = Tenant(key, "", "")
+                try:
+                    await self.limiter.hit_many(key_id, self._wants(tenant, 0, 0, False))
+                except Exception as exc:
+                    logger.debug("rate-limit give-back of %s failed: %s", key_id, exc)
 
     def headers(self, tenant: Tenant) -> dict[str, str]:
         """OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` and ours for images."""

@@ -5,6 +5,12 @@ Why the sliding-window counter: two counters per key and limit whatever the cost
 thousands a request; the moving window would keep one entry per unit). A hit that would pass the limit is
 refused whole and counts nothing.
 
+In Redis, all of one request's limits (requests, tokens, images, and what earlier requests of the key give back)
+are taken in one round trip by one Lua script (`HIT_MANY`, LiteLLM's lesson): the library's own calls cost two
+round trips per limit (take, then read the window for the headers), a millisecond of the ingress's CPU a
+request. The script keeps the library's arithmetic (`acquire_sliding_window.lua`: the previous window weighted
+by the share of it still inside the last minute, plus the current one); the local store is the library's.
+
 Redis down (LiteLLM's known bug is the lesson: each replica falling back to the full limit admits N× the
 limit): each replica counts locally with every limit divided by the number of ingress replicas, says so in
 `clip_rate_limit_store_degraded` and one log line a minute, and probes Redis each second to go back to the
@@ -17,8 +23,9 @@ import math
 import time
 from dataclasses import dataclass
 
+import redis.asyncio as aioredis
 from limits import RateLimitItemPerMinute
-from limits.aio.storage import MemoryStorage, RedisStorage
+from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from serve_app.errors import Unavailable
@@ -29,6 +36,61 @@ logger = logging.getLogger("serve_app.tenancy")
 REDIS_TIMEOUT_S = 0.5
 PROBE_INTERVAL_S = 1.0
 DEGRADED_LOG_INTERVAL_S = 60.0
+EXPIRY_S = 60  # every limit is per minute
+
+# KEYS: per limit, its previous and current window's counter. ARGV: the window in ms, then per limit its limit,
+# the cost to take (all limits' or none) and what to give back first. Returns 1/0, then per limit the previous
+# count, its ms to live, the current count and its ms to live (the current counter lives two windows).
+HIT_MANY = """
+local expiry = tonumber(ARGV[1])
+local n = #KEYS / 2
+local windows = {}
+local fits = 1
+for i = 1, n do
+  local previous, current = KEYS[2 * i - 1], KEYS[2 * i]
+  local limit, cost, back = tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+  local current_ttl = tonumber(redis.call('pttl', current))
+  if current_ttl > 0 and current_ttl < expiry then
+    redis.call('rename', current, previous)
+    redis.call('set', current, 0, 'PX', current_ttl + expiry)
+  end
+  if back > 0 and redis.call('exists', current) == 1 then
+    local left = tonumber(redis.call('decrby', current, back))
+    if left < 0 then redis.call('set', current, 0, 'KEEPTTL') end
+  end
+  local pc = tonumber(redis.call('get', previous)) or 0
+  local pt = math.max(tonumber(redis.call('pttl', previous)), 0)
+  local cc = tonumber(redis.call('get', current)) or 0
+  local ct = math.max(tonumber(redis.call('pttl', current)), 0)
+  if cost > 0 and (cost > limit or math.floor(pc * pt / expiry) + cc + cost > limit) then fits = 0 end
+  windows[i] = {pc, pt, cc, ct, cost}
+end
+local out = {fits}
+for i = 1, n do
+  local w = windows[i]
+  if fits == 1 and w[5] > 0 then
+    if w[4] > 0 then
+      w[3] = tonumber(redis.call('incrby', KEYS[2 * i], w[5]))
+    else
+      redis.call('set', KEYS[2 * i], w[5], 'PX', expiry * 2)
+      w[3], w[4] = w[5], expiry * 2
+    end
+  end
+  table.insert(out, w[1]); table.insert(out, w[2]); table.insert(out, w[3]); table.insert(out, w[4])
+end
+return out
+"""
+
+
+@dataclass(frozen=True)
+class Want:
+    """One limit of a request: take `cost` of it (all of a call's or none), after giving `back` what earlier
+    requests held beyond their use."""
+
+    kind: str
+    per_minute: int
+    cost: int = 0
+    back: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,12 +116,12 @@ class RateLimiter:
 
     def __init__(self, redis_url: str | None, replicas: int = 1, fail_closed: bool = False) -> None:
         self._local = MemoryStorage()
-        self._shared: RedisStorage | None = None
+        self._shared: aioredis.Redis | None = None
         if redis_url:
-            self._shared = RedisStorage(
-                "async+" + redis_url, implementation="redispy", wrap_exceptions=True, key_prefix="clip",
-                socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
+            self._shared = aioredis.Redis.from_url(
+                redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
             )
+            self._script = self._shared.register_script(HIT_MANY)
         self._replicas = max(1, replicas)
         self.fail_closed = fail_closed
         self.degraded = False
@@ -70,32 +132,65 @@ class RateLimiter:
     def store(self) -> str:
         return "memory" if self._shared is None else ("local-fallback" if self.degraded else "redis")
 
-    async def hit(self, per_minute: int, key_id: str, kind: str, cost: int) -> Verdict:
-        """Takes `cost` of `key_id`'s `kind` limit if it fits (all or nothing); a negative cost gives back."""
-        storage, limit = self._choose(per_minute)
-        item = RateLimitItemPerMinute(limit)
-        try:
-            allowed = await SlidingWindowCounterRateLimiter(storage).hit(item, key_id, kind, cost=cost) \
-                if cost != 0 else True
-            window = await storage.get_sliding_window(item.key_for(key_id, kind), item.get_expiry())
-        except Exception as exc:  # the limits library wraps the store's errors; anything from Redis counts
-            if storage is self._local:
-                raise
-            self._fall_back(exc)
-            return await self.hit(per_minute, key_id, kind, cost)
-        return _verdict(allowed, limit, cost, *window)
-
-    async def look(self, per_minute: int, key_id: str, kind: str) -> Window:
-        return (await self.hit(per_minute, key_id, kind, 0)).window
-
-    def _choose(self, per_minute: int) -> tuple[object, int]:
+    async def hit_many(self, key_id: str, wants: list[Want]) -> tuple[bool, dict[str, Verdict]]:
+        """Takes every want's cost of `key_id`'s limits, or none of them; returns whether they fitted and each
+        limit's window after it (a refused want says when its cost would fit)."""
+        if not wants:
+            return True, {}
         if self._shared is not None and not self.degraded:
-            return self._shared, per_minute
-        if self._shared is not None and self.fail_closed:
+            try:
+                return await self._hit_shared(key_id, wants)
+            except Exception as exc:  # Redis gone, slow or failing: counted locally from here on
+                self._fall_back(exc)
+        elif self._shared is not None and self.fail_closed:
             raise Unavailable("Rate limits cannot be checked right now (their store is unreachable); retry later.")
-        if self._shared is None:  # one replica, the local default: the limit as configured
-            return self._local, per_minute
-        return self._local, max(1, per_minute // self._replicas)
+        return await self._hit_local(key_id, wants)
+
+    async def hit(self, per_minute: int, key_id: str, kind: str, cost: int) -> Verdict:
+        """One limit: takes `cost` if it fits; a negative cost gives back."""
+        want = Want(kind, per_minute, max(cost, 0), max(-cost, 0))
+        _, verdicts = await self.hit_many(key_id, [want])
+        return verdicts[kind]
+
+    async def _hit_shared(self, key_id: str, wants: list[Want]) -> tuple[bool, dict[str, Verdict]]:
+        keys, args = [], [EXPIRY_S * 1000]
+        for want in wants:
+            # one hash tag per key id: a key's counters share a Redis Cluster slot (a script touches one slot)
+            base = f"clip:{{{key_id}}}:{want.kind}:{want.per_minute}"
+            keys += [base + ":previous", base + ":current"]
+            args += [want.per_minute, want.cost, want.back]
+        out = await self._script(keys=keys, args=args)
+        fits = bool(int(out[0]))
+        verdicts = {}
+        for i, want in enumerate(wants):
+            previous, previous_ttl, current, current_ttl = (int(v) for v in out[1 + 4 * i: 5 + 4 * i])
+            verdicts[want.kind] = _verdict(fits, want.per_minute, want.cost, previous, previous_ttl / 1000, current,
+                                           current_ttl / 1000)
+        return fits, verdicts
+
+    async def _hit_local(self, key_id: str, wants: list[Want]) -> tuple[bool, dict[str, Verdict]]:
+        """The library's memory store; one event loop, so testing all and then taking all is atomic."""
+        limiter = SlidingWindowCounterRateLimiter(self._local)
+        items = {w.kind: RateLimitItemPerMinute(self._local_limit(w.per_minute)) for w in wants}
+        for want in wants:
+            if want.back:
+                await limiter.hit(items[want.kind], key_id, want.kind, cost=-want.back)
+        fits = all(w.cost <= items[w.kind].amount for w in wants)
+        for want in wants:
+            if fits and want.cost > 0:
+                fits = await limiter.test(items[want.kind], key_id, want.kind, cost=want.cost)
+        verdicts = {}
+        for want in wants:
+            item = items[want.kind]
+            if fits and want.cost > 0:
+                await limiter.hit(item, key_id, want.kind, cost=want.cost)
+            window = await self._local.get_sliding_window(item.key_for(key_id, want.kind), item.get_expiry())
+            verdicts[want.kind] = _verdict(fits, item.amount, want.cost, *window)
+        return fits, verdicts
+
+    def _local_limit(self, per_minute: int) -> int:
+        """One replica, the local default: the limit as configured; a fallback from Redis: its share of it."""
+        return per_minute if self._shared is None else max(1, per_minute // self._replicas)
 
     def _fall_back(self, exc: Exception) -> None:
         if not self.degraded:
@@ -115,7 +210,7 @@ class RateLimiter:
         while self.degraded:
             await asyncio.sleep(PROBE_INTERVAL_S)
             try:
-                back = await self._shared.check()  # type: ignore[union-attr]
+                back = bool(await self._shared.ping())  # type: ignore[union-attr]
             except Exception:
                 back = False
             if back:
@@ -128,13 +223,18 @@ class RateLimiter:
     async def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
+        if self._shared is not None:
+            await self._shared.aclose()
 
 
-def _verdict(allowed: bool, limit: int, cost: int, previous: int, previous_ttl: float, current: int,
+def _verdict(taken: bool, limit: int, cost: int, previous: int, previous_ttl: float, current: int,
              current_ttl: float, expiry: float = 60.0) -> Verdict:
-    """Remaining, reset and retry times from the two counters, as the sliding-window counter weighs them."""
+    """Remaining, reset and retry times from the two counters, as the sliding-window counter weighs them.
+    `taken`: the call's costs were taken; when they were not, this limit's verdict says whether its own cost
+    would have fitted (the refused call names the limit that did not)."""
     weighted = previous * previous_ttl / expiry + current
     used = math.floor(weighted)
+    allowed = taken or cost <= 0 or (cost <= limit and used + cost <= limit)
     remaining = max(0, limit - used)
     # the weighted count falls as the previous window's share runs out: previous/expiry per second
     rate = previous / expiry

@@ -12,7 +12,7 @@ from serve_app.config import Price
 from serve_app.tenancy.cli import main as clip_keys
 from serve_app.tenancy.gate import price_of, prompt_token_bound, token_bound
 from serve_app.tenancy.keys import KeyRing, KeysFile, hash_secret, parse_keys_file
-from serve_app.tenancy.limiter import RateLimiter, _verdict, openai_duration
+from serve_app.tenancy.limiter import RateLimiter, Want, _verdict, openai_duration
 
 FILE = """
 defaults: {requests_per_minute: 100, tokens_per_minute: 5000}
@@ -106,33 +106,56 @@ def test_durations_are_written_as_openai_writes_them(seconds: float, text: str):
     assert openai_duration(seconds) == text
 
 
-def test_a_key_gets_exactly_its_requests_per_minute_then_a_retry_time():
+@pytest.fixture(params=["memory", "redis"])
+def store_url(request) -> str | None:
+    """The local store (the limits library's) and the shared one (a real Redis: one Lua call a request)."""
+    if request.param == "memory":
+        return None
+    server = request.getfixturevalue("redis_server")
+    import redis
+
+    redis.Redis.from_url(server.url).flushall()
+    return server.url
+
+
+def test_a_key_gets_exactly_its_requests_per_minute_then_a_retry_time(store_url):
     async def run():
-        limiter = RateLimiter(None)
+        limiter = RateLimiter(store_url)
         verdicts = [await limiter.hit(30, "key_a", "requests", 1) for _ in range(31)]
         other = await limiter.hit(30, "key_b", "requests", 1)
+        await limiter.close()
         return verdicts, other
 
     verdicts, other = asyncio.run(run())
     assert all(v.allowed for v in verdicts[:30]) and not verdicts[30].allowed and other.allowed
     assert [v.window.remaining for v in verdicts[:3]] == [29, 28, 27] and verdicts[29].window.remaining == 0
-    assert 0 < verdicts[30].retry_after_s <= 60 and verdicts[30].window.used == 30
+    # at worst the current minute must end and its 30 then weigh 29: 60 s + 2 s
+    assert 0 < verdicts[30].retry_after_s <= 62 and verdicts[30].window.used == 30
 
 
-def test_costs_are_all_or_nothing_and_a_negative_hit_gives_back():
+def test_costs_are_all_or_nothing_and_a_negative_hit_gives_back(store_url):
     async def run():
-        limiter = RateLimiter(None)
+        limiter = RateLimiter(store_url)
         big = await limiter.hit(100, "k", "tokens", 101)  # more than the limit: refused, nothing counted
         first = await limiter.hit(100, "k", "tokens", 80)
         over = await limiter.hit(100, "k", "tokens", 30)
         back = await limiter.hit(100, "k", "tokens", -50)
         fits = await limiter.hit(100, "k", "tokens", 30)
-        return big, first, over, back, fits
+        # several limits in one call: all taken or none, and what is given back is given back either way
+        both = await limiter.hit_many("k2", [Want("tokens", 100, 60), Want("images", 10, 4)])
+        neither = await limiter.hit_many("k2", [Want("tokens", 100, 30), Want("images", 10, 7, back=0)])
+        returned = await limiter.hit_many("k2", [Want("tokens", 100, 0, back=60), Want("images", 10, 5)])
+        await limiter.close()
+        return big, first, over, back, fits, both, neither, returned
 
-    big, first, over, back, fits = asyncio.run(run())
+    big, first, over, back, fits, both, neither, returned = asyncio.run(run())
     assert not big.allowed and first.allowed and first.window.remaining == 20
     assert not over.allowed and over.window.remaining == 20
     assert back.allowed and back.window.remaining == 70 and fits.allowed and fits.window.remaining == 40
+    assert both[0] and both[1]["tokens"].window.remaining == 40 and both[1]["images"].window.remaining == 6
+    assert not neither[0] and not neither[1]["images"].allowed
+    assert neither[1]["tokens"].window.remaining == 40 and neither[1]["images"].window.remaining == 6
+    assert returned[0] and returned[1]["tokens"].window.remaining == 100 and returned[1]["images"].window.remaining == 1
 
 
 def test_retry_time_follows_the_sliding_window():

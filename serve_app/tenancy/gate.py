@@ -46,12 +46,18 @@ def default_database_url() -> str:
     return f"sqlite+aiosqlite:///{base / 'usage.db'}"
 
 
+# Only ASCII whitespace is free: other characters Python calls whitespace (U+0085, U+2028, …) become tokens once
+# open_clip's cleaning (ftfy) has rewritten them.
+ASCII_SPACE = (b" ", b"\t", b"\n", b"\r", b"\x0b", b"\x0c")
+
+
 def token_bound(text: str, context_length: int) -> int:
     """At least the tokens open_clip counts for `text` (both specials included), without tokenizing: every
     other token holds at least one byte of the text's UTF-8 that is not whitespace, and at most
     `context_length` are kept. Ordinary captions come out a few times their real count: held for the
     request's duration only, then settled to the real count."""
-    return min(context_length, 2 + len("".join(text.split()).encode("utf-8", "surrogatepass")))
+    data = text.encode("utf-8", "surrogatepass")
+    return min(context_length, 2 + len(data) - sum(map(data.count, ASCII_SPACE)))
 
 
 def prompt_token_bound(labels: list[str], templates: tuple[str, ...], context_length: int) -> int:
@@ -61,7 +67,8 @@ def prompt_token_bound(labels: list[str], templates: tuple[str, ...], context_le
     import numpy as np
 
     def nonspace_bytes(text: str) -> int:
-        return len("".join(text.split()).encode("utf-8", "surrogatepass"))
+        data = text.encode("utf-8", "surrogatepass")
+        return len(data) - sum(map(data.count, ASCII_SPACE))
 
     label_bytes = np.fromiter((nonspace_bytes(x) for x in labels), dtype=np.int64, count=len(labels))
     template_bytes = np.fromiter((nonspace_bytes(t.replace("{}", "")) for t in templates), dtype=np.int64,
@@ -257,6 +264,12 @@ class Tenancy:
         if kind == "requests":
             self._blocked[tenant.key.id] = (time.monotonic() + verdict.retry_after_s, verdict)
         self._refused(tenant, f"rate_limited_{kind}")
+        if cost > window.limit:  # no wait makes it fit: retrying is pointless, and says so
+            error = RateLimited(
+                f"Request too large for {tenant.key.id} on {KIND_NAMES[kind]}: Limit {window.limit}, Requested "
+                f"{cost}. Send less per request.", kind=kind)
+            error.headers = {**self.headers(tenant), "x-should-retry": "false"}
+            raise error
         error = RateLimited(
             f"Rate limit reached for {tenant.key.id} on {KIND_NAMES[kind]}: Limit {window.limit}, Used "
             f"{window.used}, Requested {cost}. Please try again in {openai_duration(verdict.retry_after_s)}.",
@@ -275,18 +288,24 @@ class Tenancy:
         tenant.settled = True
         if not tenant.counted:  # answered without a reservation (GET routes, a refused body): counted now
             tenant.counted = True
-            _, verdicts = await self.limiter.hit_many(tenant.key.id, self._wants(tenant, 0, 0, True))
+            wants = self._wants(tenant, 0, 0, True)
+            fits, verdicts = await self.limiter.hit_many(tenant.key.id, wants)
             for kind, verdict in verdicts.items():
                 tenant.windows[kind] = verdict.window
+            if not fits and "requests" in verdicts:  # over: its next requests are refused before their body
+                self._blocked[tenant.key.id] = (time.monotonic() + verdicts["requests"].retry_after_s,
+                                                verdicts["requests"])
             return _encode(self.headers(tenant))
         used = {"tokens": tenant.tokens, "images": tenant.images}
         backs = self._backs.setdefault(tenant.key.id, {})
         for kind in ("tokens", "images"):
+            # held beyond use goes back; use beyond what was held (a bound that was not one) is added, limit or
+            # not, so that the key's next requests pay for it
             excess = tenant.reserved.get(kind, 0) - used[kind]
             window = tenant.windows.get(kind)
-            if excess > 0 and window is not None:
+            if excess and window is not None:
                 backs[kind] = backs.get(kind, 0) + excess
-                tenant.windows[kind] = replace(window, remaining=min(window.limit, window.remaining + excess),
+                tenant.windows[kind] = replace(window, remaining=max(0, min(window.limit, window.remaining + excess)),
                                                used=max(0, window.used - excess))
         if not any(backs.values()):
             self._backs.pop(tenant.key.id, None)

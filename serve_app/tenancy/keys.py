@@ -219,6 +219,11 @@ class KeysFile:
                 self._refused = stamp
             logger.error("keys file not reloaded, the loaded keys stay: %s", message)
             return False
+        if len(ring) == 0 and len(self.ring) > 0 and not strict:
+            # most likely read half-written (write keys files by rename): keep the keys loaded
+            logger.error("keys file %s now holds no keys; not applied (remove keys one by one, or restart)", self.path)
+            self._refused = stamp
+            return False
         self._stamp, self.ring = stamp, ring
         logger.info("keys file %s loaded: %d keys", self.path, len(ring))
         return True

@@ -57,6 +57,12 @@ for i = 1, n do
   if back > 0 and redis.call('exists', current) == 1 then
     local left = tonumber(redis.call('decrby', current, back))
     if left < 0 then redis.call('set', current, 0, 'KEEPTTL') end
+  elseif back < 0 then  -- use beyond a reservation: counted even past the limit
+    if redis.call('exists', current) == 1 then
+      redis.call('incrby', current, -back)
+    else
+      redis.call('set', current, -back, 'PX', expiry * 2)
+    end
   end
   local pc = tonumber(redis.call('get', previous)) or 0
   local pt = math.max(tonumber(redis.call('pttl', previous)), 0)
@@ -85,7 +91,7 @@ return out
 @dataclass(frozen=True)
 class Want:
     """One limit of a request: take `cost` of it (all of a call's or none), after giving `back` what earlier
-    requests held beyond their use."""
+    requests held beyond their use (negative: what they used beyond what they held, counted whatever the limit)."""
 
     kind: str
     per_minute: int
@@ -173,7 +179,9 @@ class RateLimiter:
         limiter = SlidingWindowCounterRateLimiter(self._local)
         items = {w.kind: RateLimitItemPerMinute(self._local_limit(w.per_minute)) for w in wants}
         for want in wants:
-            if want.back:
+            if want.back < 0:  # use beyond a reservation: counted even past the limit
+                await self._local.incr(items[want.kind].key_for(key_id, want.kind), EXPIRY_S * 2, -want.back)
+            elif want.back > 0:
                 await limiter.hit(items[want.kind], key_id, want.kind, cost=-want.back)
         fits = all(w.cost <= items[w.kind].amount for w in wants)
         for want in wants:

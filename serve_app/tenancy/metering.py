@@ -502,7 +502,7 @@ class UsageStore:
     async def balances(self) -> dict[str, Balance]:
         """Every key with a grant or a spend: granted and spent from the database, two small grouped queries
         (the grants table and the one-row-per-key spend table; no usage rows are read)."""
-        self._written = {}  # what was written before this read is in its answer
+        seen = dict(self._written)  # written before this read: in its answer, once it succeeds
 
         async def work() -> dict[str, Balance]:
             assert self._engine is not None
@@ -516,7 +516,14 @@ class UsageStore:
                 )).tuples().all())
             return {key: Balance(int(granted.get(key, 0)), int(spent.get(key, 0))) for key in granted.keys() | spent}
 
-        return await self._database(work)
+        balances = await self._database(work)
+        for key_id, cost in seen.items():
+            left = self._written.get(key_id, 0) - cost
+            if left > 0:
+                self._written[key_id] = left
+            else:
+                self._written.pop(key_id, None)
+        return balances
 
     async def usage(self, query: UsageQuery, key_ids: Sequence[str] | None = None) -> UsagePage:
         """One page of the Usage API. `key_ids` scopes it (None: every key; a list: only these, [] none), on top

@@ -107,6 +107,9 @@ def decode_cursor(page: str, start_time: int, width: int) -> int:
     return first
 
 
+MAX_TIME = 32503680000  # the year 3000: later times overflow the table's microseconds
+
+
 class UsageQuery(WireModel):
     """Query parameters of the Usage API, validated: the route turns a ValidationError into a 400.
 
@@ -115,9 +118,9 @@ class UsageQuery(WireModel):
     model only: there are no projects or users to filter by.
     """
 
-    start_time: int = Field(ge=0, description="unix seconds, inclusive")
+    start_time: int = Field(ge=0, le=MAX_TIME, description="unix seconds, inclusive")
     bucket_width: BucketWidth = "1d"
-    end_time: int | None = Field(default=None, ge=0, description="unix seconds, exclusive; default now")
+    end_time: int | None = Field(default=None, ge=0, le=MAX_TIME, description="unix seconds, exclusive; default now")
     group_by: list[GroupBy] = Field(default_factory=list, max_length=2)
     limit: int | None = Field(default=None, ge=1)
     page: str | None = Field(default=None, max_length=256)

@@ -174,8 +174,8 @@ def test_token_bound_is_never_below_open_clips_count(tiny_model_dir):
 
     tokenizer = get_tokenizer(f"local-dir:{tiny_model_dir}")
     rng = random.Random(0)
-    alphabet = "abc XYZ,.!?'\n\t&amp;<>é日本😀\u0958" + "".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(40))
-    texts = ["", " ", "a photo of a dog.", "&amp;" * 30, "😀" * 50, "\u0958" * 40]
+    alphabet = "abc XYZ,.!?'\n\t&amp;<>é日本😀\u0958\u0085\u2028\u00a0" + "".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(40))
+    texts = ["", " ", "a photo of a dog.", "&amp;" * 30, "😀" * 50, "\u0958" * 40, "\u0085" * 76, "\u2028 x" * 20]
     texts += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 120))) for _ in range(300)]
     counts = tokenize(tokenizer, texts).token_counts
     for text, count in zip(texts, counts):

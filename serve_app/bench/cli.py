@@ -409,6 +409,16 @@ def build_parser() -> argparse.ArgumentParser:
     _server_run_args(cpu, "cpu")
     cpu.set_defaults(func=cmd_cpu)
 
+    calls = sub.add_parser("calls", help="Ray Serve's own CPU per handle call (no work in the replicas), and the "
+                           "pixels' hop to the encoder per image, by value and by reference; JSON")
+    calls.add_argument("--calls", type=int, default=3000, help="calls per kind")
+    calls.add_argument("--concurrency", type=int, default=32)
+    calls.add_argument("--text-rows", default="1,16", help="token rows per text call")
+    calls.add_argument("--images", default="1,8", help="images per image call (x0 is always measured)")
+    calls.add_argument("--image-size", type=int, default=224, help="pixels' side (ViT-B-32 and most CLIPs: 224)")
+    calls.add_argument("--out", default=None, help="JSON path (default bench-out/calls-<time>.json)")
+    calls.set_defaults(func=cmd_calls)
+
     hostile = sub.add_parser("hostile", help="the hostile corpus beside good traffic: per class statuses and worst "
                              "time, /livez, every replica's RSS before and after; JSON")
     _model_args(hostile)
@@ -498,6 +508,21 @@ def cmd_soak(args: argparse.Namespace) -> int:
     print(f"\nwrote {json_path}")
     errors = sum(load["error_count"] for load in report["load"].values())
     return 0 if errors == 0 else 1
+
+
+def cmd_calls(args: argparse.Namespace) -> int:
+    from serve_app.bench.ray_calls import CallsSettings, calls_table, launch
+
+    settings = CallsSettings(calls=args.calls, concurrency=args.concurrency, text_rows=_ints(args.text_rows),
+                             images=_ints(args.images), image_size=args.image_size)
+    json_path, _ = _out_paths(args, "calls")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    status = launch(settings, json_path)
+    if status != 0:
+        return status
+    print(calls_table(json.loads(json_path.read_text())))
+    print(f"\nwrote {json_path}")
+    return 0
 
 
 def cmd_cpu(args: argparse.Namespace) -> int:

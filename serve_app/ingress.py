@@ -271,7 +271,7 @@ class EveryRequest:
         tenancy = GUARD.tenancy
         try:
             if tenancy is not None and tenancy.enabled and path not in OPEN_ROUTES:
-                await tenancy.ensure_started()
+                tenancy.ensure_started()
                 authorization = headers.get("authorization")
                 # the usage record's id is ours: a client's x-request-id may repeat, and records are idempotent
                 request_id = "req_" + uuid.uuid4().hex
@@ -350,7 +350,7 @@ async def _reserve(model: ServedModel, inputs: list[Any], extra_tokens: int = 0)
     context = model.config.context_length
     tokens = extra_tokens + sum(token_bound(x.text, context) for x in inputs if isinstance(x, TextInput))
     images = sum(isinstance(x, ImageInput) for x in inputs)
-    await GUARD.tenancy.reserve(tenant, tokens, images)
+    await GUARD.tenancy.reserve(tenant, tokens, images, model.name)
 
 
 async def _settled(tenancy: Any, tenant: Tenant) -> list[tuple[bytes, bytes]]:

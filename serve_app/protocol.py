@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
-    BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictBool, Tag, ValidationError,
+    BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictBool, StrictFloat, Tag, ValidationError,
     ValidatorFunctionWrapHandler, WrapValidator, field_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -390,7 +390,7 @@ class PoolHealth(BaseModel):
 class CreditGrant(WireModel):
     """An admin's top-up of a key's credit (negative: a correction)."""
 
-    amount_usd: float = Field(ge=-1_000_000, le=1_000_000, allow_inf_nan=False)
+    amount_usd: StrictFloat = Field(ge=-1_000_000, le=1_000_000, allow_inf_nan=False)  # not `true`, not "5"
     note: str = Field(default="", max_length=200)
 
 

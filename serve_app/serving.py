@@ -17,7 +17,7 @@ from serve_app.errors import InvalidRequest, ModelNotFound, pool_refusal
 from serve_app.inputs import ImageInput, Input, TextInput
 from serve_app.modeling import ModelConfig
 from serve_app.openmp import keep_torch_serial_on_this_thread
-from serve_app.preprocess import tokenize
+from serve_app.preprocess import all_or_nothing, tokenize
 from serve_app.tenancy import gate as tenancy_gate
 from serve_app.tokenizing import cheap_to_tokenize
 from serve_app.protocol import (
@@ -99,8 +99,8 @@ class ClipService:
         if len(inputs) > CHUNK:
             chunks = [inputs[i : i + CHUNK] for i in range(0, len(inputs), CHUNK)]
             total = sum(isinstance(x, ImageInput) for x in inputs) or 1
-            parts = await asyncio.gather(
-                *(self.embed(model, c, sum(isinstance(x, ImageInput) for x in c) / total) for c in chunks)
+            parts = await all_or_nothing(
+                [self.embed(model, c, sum(isinstance(x, ImageInput) for x in c) / total) for c in chunks]
             )
             return Embedded(
                 vectors=np.concatenate([p.vectors for p in parts]),
@@ -110,10 +110,12 @@ class ClipService:
         texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, TextInput)]
         groups = []  # (positions in the request, job)
         if images:
-            groups.append(([i for i, _ in images], self._embed_images(model, [x for _, x in images], image_share)))
+            groups.append(([i for i, _ in images], _used(model, self._embed_images(
+                model, [x for _, x in images], image_share), len(images))))
         if texts:
-            groups.append(([i for i, _ in texts], self._embed_texts(model, [x for _, x in texts])))
-        results = await asyncio.gather(*(job for _, job in groups))
+            groups.append(([i for i, _ in texts], _used(model, self._embed_texts(model, [x for _, x in texts]), 0)))
+        # a failure cancels the rest (what is not yet encoded is not encoded); what was done is billed (_used)
+        results = await all_or_nothing([job for _, job in groups])
         vectors = np.empty((len(inputs), model.config.embed_dim), dtype=np.float32)
         prompt_tokens = 0
         for (positions, _), (rows, tokens) in zip(groups, results):
@@ -121,7 +123,6 @@ class ClipService:
             prompt_tokens += tokens
         metrics.count_inputs(model.name, "image", len(images))
         metrics.count_inputs(model.name, "text", len(texts))
-        tenancy_gate.used(model.name, prompt_tokens, len(images))
         return Embedded(vectors=vectors, prompt_tokens=prompt_tokens)
 
     async def _embed_images(
@@ -208,8 +209,8 @@ class ClipService:
         self, model: ServedModel, inputs: list[Input], labels: list[str], templates: tuple[str, ...],
         top_k: int | None,
     ) -> ClassifyResponse:
-        (classifiers, label_tokens), embedded, scale = await asyncio.gather(
-            self.classifiers(model, labels, templates), self.embed(model, inputs), self.logit_scale(model)
+        (classifiers, label_tokens), embedded, scale = await all_or_nothing(
+            [self.classifiers(model, labels, templates), self.embed(model, inputs), self.logit_scale(model)]
         )
         return await off_loop(
             len(inputs) * min(top_k or len(labels), len(labels)),
@@ -232,6 +233,13 @@ class ClipService:
         ]
         usage = Usage(prompt_tokens=embedded.prompt_tokens, total_tokens=embedded.prompt_tokens)
         return RerankResponse(model=model.name, results=results, usage=usage)
+
+
+async def _used(model: ServedModel, job: Any, images: int) -> tuple[np.ndarray, int]:
+    """`job`'s rows and tokens, reported to the request's key as soon as the encoder has done them."""
+    rows, tokens = await job
+    tenancy_gate.used(model.name, tokens, images)
+    return rows, tokens
 
 
 async def _from_pool(response: Any) -> Any:

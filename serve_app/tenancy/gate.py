@@ -87,6 +87,8 @@ class Tenant:
     windows: dict[str, Window] = field(default_factory=dict)
     reserved: dict[str, int] = field(default_factory=dict)
     counted: bool = False  # the request was counted against its requests per minute
+    held: int = 0  # nano-USD of the key's credit held while it runs (its bound's price)
+    refused: bool = False  # by its key's limits or credit
     model: str | None = None
     tokens: int = 0
     images: int = 0
@@ -129,6 +131,7 @@ class Tenancy:
         self._started: asyncio.Task | None = None
         self._backs: dict[str, dict[str, int]] = {}  # key id → kind → held beyond use, to give back
         self._blocked: dict[str, tuple[float, Verdict]] = {}  # key id → (until, refusal) of its requests limit
+        self._held: dict[str, int] = {}  # key id → nano-USD held by its requests in flight here
 
     @property
     def enabled(self) -> bool:
@@ -139,12 +142,12 @@ class Tenancy:
     def _ring(self) -> KeyRing:
         return self._static.merged(self._file.ring) if self._file else self._static
 
-    async def ensure_started(self) -> None:
+    def ensure_started(self) -> None:
         """Starts the store and the watchers on the serving loop, once (the replica's constructor may run
         before its loop does)."""
         if self._started is None:
+            # not awaited by requests: a database that hangs at start must not hold them (records spool meanwhile)
             self._started = asyncio.get_running_loop().create_task(self.start())
-        await asyncio.shield(self._started)
 
     async def start(self) -> None:
         await self.store.start()
@@ -231,6 +234,8 @@ class Tenancy:
     def _wants(self, tenant: Tenant, tokens: int, images: int, count_request: bool) -> list[Want]:
         limits = tenant.key.limits
         backs = self._backs.pop(tenant.key.id, {})
+        if self.limiter.degraded:  # held in Redis: giving it back to the local counters would add capacity
+            backs = {kind: amount for kind, amount in backs.items() if amount < 0}
         wants = []
         for kind, per_minute, cost in (("requests", limits.requests_per_minute, 1 if count_request else 0),
                                        ("tokens", limits.tokens_per_minute, tokens),
@@ -239,11 +244,24 @@ class Tenancy:
                 wants.append(Want(kind, per_minute, cost, backs.get(kind, 0)))
         return wants
 
-    async def reserve(self, tenant: Tenant, tokens: int, images: int) -> None:
+    async def reserve(self, tenant: Tenant, tokens: int, images: int, model: str = "") -> None:
         """Counts the request and holds its bound of tokens and its images against the key's limits, all or
-        nothing, before any work."""
+        nothing, before any work; and the bound's price against its credit (what requests in flight on this
+        replica hold counts as spent), so that concurrent requests cannot spend far below zero."""
         if tenant.key.admin or tenant.counted:
             return
+        left = self.remaining_credit(tenant.key)
+        if left is not None:
+            bound = price_of(self.settings.prices.get(model, self.settings.price), tokens, images)
+            if bound > left - self._held.get(tenant.key.id, 0):
+                self._refused(tenant, "insufficient_quota")
+                error = QuotaExceeded(
+                    f"You exceeded your current quota: this request may cost up to ${bound / NANO:.6f} and the key "
+                    f"has ${max(left, 0) / NANO:.6f} left (requests in flight included). Ask your provider to top "
+                    "it up, or send less per request.")
+                raise error
+            tenant.held = bound
+            self._held[tenant.key.id] = self._held.get(tenant.key.id, 0) + bound
         wants = self._wants(tenant, tokens, images, count_request=True)
         fits, verdicts = await self.limiter.hit_many(tenant.key.id, wants)
         tenant.counted = True
@@ -340,23 +358,35 @@ class Tenancy:
         return out
 
     def finish(self, tenant: Tenant, status: int) -> None:
-        """The usage record (off the request's path: the store writes in batches) and per-key metrics."""
+        """The usage record (off the request's path: the store writes in batches) and per-key metrics. What the
+        encoders did is billed whatever the answer's status (a request that failed after its work still cost
+        it); a refusal by the key's own limits or credit, which did no work, writes no record."""
+        if tenant.held:
+            left = self._held.get(tenant.key.id, 0) - tenant.held
+            if left > 0:
+                self._held[tenant.key.id] = left
+            else:
+                self._held.pop(tenant.key.id, None)
+            tenant.held = 0
         if tenant.key.admin:
+            return
+        metrics.count_key_request(self._metric_id(tenant.key.id), status, tenant.tokens, tenant.images)
+        if tenant.refused and not (tenant.tokens or tenant.images):
             return
         model = tenant.model or ""
         price = self.settings.prices.get(model, self.settings.price)
-        cost = price_of(price, tenant.tokens, tenant.images) if 200 <= status < 300 else 0
+        cost = price_of(price, tenant.tokens, tenant.images)
         try:
             self.store.record(UsageRecord(
                 request_id=tenant.request_id, key_id=tenant.key.id, model=model, route=tenant.route,
                 input_tokens=tenant.tokens, images=tenant.images, status=status, cost_nano_usd=cost,
                 created_at=time.time(),
             ))
-            metrics.count_key_request(self._metric_id(tenant.key.id), status, tenant.tokens, tenant.images)
         except Exception:  # the answer is sent: a record that cannot be made is logged, never the client's error
             logger.exception("usage of request %s not recorded", tenant.request_id)
 
     def _refused(self, tenant: Tenant, reason: str) -> None:
+        tenant.refused = True
         metrics.count_key_refusal(self._metric_id(tenant.key.id), reason)
 
     def _metric_id(self, key_id: str) -> str:

@@ -191,3 +191,59 @@ def test_prices_are_exact_integers_of_nano_dollars():
     assert price_of(price, 7, 0) == 140  # 7 tokens at 2 cents a million
     assert price_of(price, 0, 3) == 300_000  # 3 images at 10 cents a thousand
     assert price_of(price, 1_000_000, 1000) == 20_000_000 + 100_000_000
+
+
+def _tenancy(tmp_path, keys_yaml: str):
+    from serve_app.config import TenancySettings
+    from serve_app.tenancy.gate import Tenancy
+
+    path = tmp_path / "keys.yaml"
+    path.write_text(keys_yaml)
+    settings = TenancySettings(keys_file=str(path), database_url=f"sqlite+aiosqlite:///{tmp_path / 'usage.db'}",
+                               price=Price(usd_per_million_tokens=1_000_000, usd_per_thousand_images=0))
+    return Tenancy(settings, KeyRing({}))  # a token costs a dollar: credit is easy to reach
+
+
+def test_requests_in_flight_hold_their_bound_against_credit(tmp_path):
+    from serve_app.errors import QuotaExceeded
+
+    async def run():
+        tenancy = _tenancy(tmp_path, "keys: [{id: key_a, secrets: [sk-a], credit_usd: 10}]")
+        first = tenancy.authenticate("Bearer sk-a", b"sk-a", "/v1/embeddings", "req_1")
+        await tenancy.admit(first)
+        await tenancy.reserve(first, tokens=6, images=0)  # holds $6 of $10
+        second = tenancy.authenticate("Bearer sk-a", b"sk-a", "/v1/embeddings", "req_2")
+        await tenancy.admit(second)
+        with pytest.raises(QuotaExceeded, match="may cost up to"):
+            await tenancy.reserve(second, tokens=6, images=0)  # $6 more would pass zero while the first runs
+        first.tokens = 4  # it used 4: $4 spent, the hold released
+        tenancy.finish(first, 200)
+        third = tenancy.authenticate("Bearer sk-a", b"sk-a", "/v1/embeddings", "req_3")
+        await tenancy.reserve(third, tokens=6, images=0)
+        left = tenancy.remaining_credit(third.key)
+        tenancy.finish(second, 429)  # refused by its credit, did nothing: no record
+        records = list(tenancy.store._spool)
+        await tenancy.close()
+        return left, records
+
+    left, records = asyncio.run(run())
+    assert left == 6 * 1_000_000_000
+    assert [r.request_id for _, r in records] == ["req_1"] and records[0][1].cost_nano_usd == 4 * 1_000_000_000
+
+
+def test_work_done_before_a_failure_is_billed(tmp_path):
+    from serve_app.tenancy import gate
+
+    async def run():
+        tenancy = _tenancy(tmp_path, "keys: [{id: key_a, secrets: [sk-a]}]")
+        tenant = tenancy.authenticate("Bearer sk-a", b"sk-a", "/v1/embeddings", "req_1")
+        token = gate.CURRENT.set(tenant)
+        gate.used("tiny", 5, 0)  # the texts' job finished, then the images' failed: a 400
+        gate.CURRENT.reset(token)
+        tenancy.finish(tenant, 400)
+        records = [r for _, r in tenancy.store._spool]
+        await tenancy.close()
+        return records
+
+    (record,) = asyncio.run(run())
+    assert (record.status, record.input_tokens, record.cost_nano_usd) == (400, 5, 5 * 1_000_000_000)

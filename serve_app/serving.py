@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 
 from serve_app import metrics
-from serve_app.config import ZeroShotSettings
-from serve_app.errors import InvalidRequest, ModelNotFound, pool_refusal
+from serve_app.coalescing import Coalescer
+from serve_app.config import BatchSettings, ZeroShotSettings
+from serve_app.errors import InvalidRequest, ModelNotFound, Overloaded, PoolUnavailable, pool_refusal
 from serve_app.inputs import ImageInput, Input, TextInput
 from serve_app.modeling import ModelConfig
 from serve_app.openmp import keep_torch_serial_on_this_thread
@@ -45,6 +46,7 @@ class ServedModel:
     config: ModelConfig
     encoder: Any  # DeploymentHandle of this model's ClipEncoder
     tokenizer: Any = None  # the model's bounded tokenizer, for texts tokenized at the ingress
+    batching: BatchSettings | None = None  # the model's batching (its ModelSpec's); None: the defaults
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class ClipService:
         self.label_cache = LabelCache(self.zero_shot.label_cache_size)
         self._logit_scales: dict[str, float] = {}
         self._pending: dict[tuple[str, tuple[str, ...], str], asyncio.Future] = {}
+        # Concurrent requests' token rows for one model reach its encoder in fewer calls (serve_app/coalescing.py).
+        self._texts = {name: _text_coalescer(model) for name, model in models.items()}
 
     def model(self, name: str | None) -> ServedModel:
         """The model a request names; omitted means the first configured one."""
@@ -146,7 +150,7 @@ class ClipService:
             metrics.observe_preprocess("text", time.perf_counter() - start)
         else:
             batch = await _from_pool(self._preprocessor.texts.remote(model.name, strings))
-        return await _from_pool(model.encoder.embed_texts.remote(batch.tokens)), sum(batch.token_counts)
+        return await self._texts[model.name](batch.tokens), sum(batch.token_counts)
 
     def uncached_labels(self, model: ServedModel, labels: list[str], templates: tuple[str, ...]) -> list[str]:
         """The distinct labels whose classifier vectors are not in the label cache (what a request would encode)."""
@@ -233,6 +237,17 @@ class ClipService:
         ]
         usage = Usage(prompt_tokens=embedded.prompt_tokens, total_tokens=embedded.prompt_tokens)
         return RerankResponse(model=model.name, results=results, usage=usage)
+
+
+def _text_coalescer(model: ServedModel) -> Coalescer:
+    batching = model.batching or BatchSettings()
+
+    async def send(tokens: Any) -> np.ndarray:
+        return await _from_pool(model.encoder.embed_texts.remote(tokens))
+
+    # A refusal by the pool (`_from_pool`) says nothing about any request's rows: no retry one by one.
+    return Coalescer(send, batching.ingress_calls_in_flight, batching.text_max_batch_size,
+                     shared_failure=lambda exc: isinstance(exc, (Overloaded, PoolUnavailable)))
 
 
 async def _used(model: ServedModel, job: Any, images: int) -> tuple[np.ndarray, int]:

@@ -65,7 +65,7 @@ class ClipService:
         self.zero_shot = zero_shot or ZeroShotSettings()
         self.label_cache = LabelCache(self.zero_shot.label_cache_size)
         self._logit_scales: dict[str, float] = {}
-        self._pending: dict[tuple[str, tuple[str, ...], str], asyncio.Future] = {}
+        self._pending: dict[tuple[str, str, tuple[str, ...], str], asyncio.Future] = {}
         # Concurrent requests' token rows for one model reach its encoder in fewer calls (serve_app/coalescing.py).
         self._texts = {name: _text_coalescer(model) for name, model in models.items()}
 
@@ -154,7 +154,7 @@ class ClipService:
 
     def uncached_labels(self, model: ServedModel, labels: list[str], templates: tuple[str, ...]) -> list[str]:
         """The distinct labels whose classifier vectors are not in the label cache (what a request would encode)."""
-        return self.label_cache.missing(model.name, templates, labels)
+        return self.label_cache.missing(model.name, templates, labels, _label_namespace())
 
     async def classifiers(
         self, model: ServedModel, labels: list[str], templates: tuple[str, ...]
@@ -165,9 +165,10 @@ class ClipService:
         Labels already being encoded for a concurrent request are awaited, not encoded again: a burst of
         requests with one new 80,000-prompt label set encodes it once.
         """
-        vectors = self.label_cache.get_many(model.name, templates, labels)
+        namespace = _label_namespace()
+        vectors = self.label_cache.get_many(model.name, templates, labels, namespace)
         missing = [label for label in dict.fromkeys(labels) if label not in vectors]
-        keys = {label: (model.name, templates, label) for label in missing}
+        keys = {label: (model.name, namespace, templates, label) for label in missing}
         waiting = {label: self._pending[keys[label]] for label in missing if keys[label] in self._pending}
         mine = [label for label in missing if label not in waiting]
         tokens = await self._encode_labels(model, mine, templates, keys, vectors) if mine else 0
@@ -180,7 +181,7 @@ class ClipService:
 
     async def _encode_labels(
         self, model: ServedModel, labels: list[str], templates: tuple[str, ...],
-        keys: dict[str, tuple[str, tuple[str, ...], str]], into: dict[str, np.ndarray],
+        keys: dict[str, tuple[str, str, tuple[str, ...], str]], into: dict[str, np.ndarray],
     ) -> int:
         loop = asyncio.get_running_loop()
         futures = {label: loop.create_future() for label in labels}
@@ -190,7 +191,7 @@ class ClipService:
             inputs = await off_loop(len(labels) * len(templates), _prompt_inputs, labels, templates)
             embedded = await self.embed(model, inputs)
             fresh = dict(zip(labels, classifier_vectors(embedded.vectors, len(labels))))
-            self.label_cache.put_many(model.name, templates, fresh)
+            self.label_cache.put_many(model.name, templates, fresh, _label_namespace())
             into.update(fresh)
             for label, future in futures.items():
                 future.set_result(fresh[label])
@@ -248,6 +249,12 @@ def _text_coalescer(model: ServedModel) -> Coalescer:
     # A refusal by the pool (`_from_pool`) says nothing about any request's rows: no retry one by one.
     return Coalescer(send, batching.ingress_calls_in_flight, batching.text_max_batch_size,
                      shared_failure=lambda exc: isinstance(exc, (Overloaded, PoolUnavailable)))
+
+
+def _label_namespace() -> str:
+    """The label cache's share of the request's key (none without tenancy)."""
+    tenant = tenancy_gate.CURRENT.get()
+    return tenant.key.id if tenant is not None else ""
 
 
 async def _used(model: ServedModel, job: Any, images: int) -> tuple[np.ndarray, int]:

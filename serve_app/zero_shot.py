@@ -150,7 +150,9 @@ def _digest(*parts: object) -> bytes:
 
 
 class LabelCache:
-    """Bounded LRU of classifier vectors keyed by a digest of (model, templates, label); counts hits and misses."""
+    """Bounded LRU of classifier vectors keyed by a digest of (model, templates, namespace, label); counts hits and
+    misses. The namespace is the request's key id: what one customer's labels cost (and so whether anyone sent
+    them before) is never visible to another; one LRU bounds them all."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -159,16 +161,17 @@ class LabelCache:
         self.hits = 0
         self.misses = 0
 
-    def missing(self, model: str, templates: tuple[str, ...], labels: list[str]) -> list[str]:
+    def missing(self, model: str, templates: tuple[str, ...], labels: list[str], namespace: str = "") -> list[str]:
         """The distinct labels not cached, without counting a lookup or touching their recency."""
         with self._lock:
-            prefix = _digest(model, templates)
+            prefix = _digest(model, templates, namespace)
             return [label for label in dict.fromkeys(labels) if _digest(prefix, label) not in self._entries]
 
-    def get_many(self, model: str, templates: tuple[str, ...], labels: list[str]) -> dict[str, np.ndarray]:
+    def get_many(self, model: str, templates: tuple[str, ...], labels: list[str],
+                 namespace: str = "") -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
         with self._lock:
-            prefix = _digest(model, templates)
+            prefix = _digest(model, templates, namespace)
             for label in labels:
                 key = _digest(prefix, label)
                 vector = self._entries.get(key)
@@ -181,11 +184,12 @@ class LabelCache:
         metrics.count_label_cache(model, hits=len(found), misses=unique - len(found))
         return found
 
-    def put_many(self, model: str, templates: tuple[str, ...], vectors: dict[str, np.ndarray]) -> None:
+    def put_many(self, model: str, templates: tuple[str, ...], vectors: dict[str, np.ndarray],
+                 namespace: str = "") -> None:
         if self.capacity <= 0:
             return
         with self._lock:
-            prefix = _digest(model, templates)
+            prefix = _digest(model, templates, namespace)
             for label, vector in vectors.items():
                 key = _digest(prefix, label)
                 self._entries[key] = vector

@@ -247,3 +247,16 @@ def test_work_done_before_a_failure_is_billed(tmp_path):
 
     (record,) = asyncio.run(run())
     assert (record.status, record.input_tokens, record.cost_nano_usd) == (400, 5, 5 * 1_000_000_000)
+
+
+def test_one_customers_cached_labels_are_not_anothers():
+    import numpy as np
+
+    from serve_app.zero_shot import LabelCache
+
+    cache = LabelCache(100)
+    templates = ("a photo of a {}.",)
+    cache.put_many("m", templates, {"secret product": np.ones(4, dtype=np.float32)}, namespace="key_a")
+    assert cache.missing("m", templates, ["secret product"], namespace="key_a") == []
+    assert cache.missing("m", templates, ["secret product"], namespace="key_b") == ["secret product"]
+    assert cache.get_many("m", templates, ["secret product"], namespace="key_b") == {}

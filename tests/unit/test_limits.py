@@ -170,7 +170,7 @@ def test_body_cap_from_content_length_before_reading_and_while_reading(monkeypat
     from serve_app import ingress
 
     monkeypatch.setattr(ingress.GUARD, "max_body_bytes", 100)
-    monkeypatch.setattr(ingress.GUARD, "api_keys", ())
+    monkeypatch.setattr(ingress.GUARD, "tenancy", None)
     status, body, read = asyncio.run(_call(_reading_app, {"content-length": "101"}, [b"x" * 101]))
     assert status == 413 and read == 0 and body["error"]["code"] == 413
     status, body, read = asyncio.run(_call(_reading_app, {"content-length": "1x"}, [b"x"]))
@@ -186,7 +186,7 @@ def test_a_trickling_body_gets_408_after_the_read_timeout(monkeypatch):
 
     monkeypatch.setattr(ingress.GUARD, "max_body_bytes", 10_000)
     monkeypatch.setattr(ingress.GUARD, "body_read_timeout_s", 0.3)
-    monkeypatch.setattr(ingress.GUARD, "api_keys", ())
+    monkeypatch.setattr(ingress.GUARD, "tenancy", None)
 
     async def trickle():
         from serve_app.ingress import EveryRequest
@@ -215,7 +215,7 @@ def test_a_body_with_too_many_json_values_is_refused_while_it_arrives(monkeypatc
 
     monkeypatch.setattr(ingress.GUARD, "max_body_bytes", 10_000_000)
     monkeypatch.setattr(ingress.GUARD, "max_json_values", 2000)
-    monkeypatch.setattr(ingress.GUARD, "api_keys", ())
+    monkeypatch.setattr(ingress.GUARD, "tenancy", None)
     many = b'{"input":[' + b",".join([b"{}"] * 5000) + b"]}"
     status, body, _ = asyncio.run(_call(_reading_app, {"transfer-encoding": "chunked"}, [many[:4000], many[4000:]]))
     assert status == 413 and "JSON values" in body["error"]["message"]
@@ -318,7 +318,7 @@ def test_jpeg_scans_are_counted_from_segments_and_bounded_before_decoding():
 def test_requests_past_the_admission_bound_get_429_in_openai_shape_and_liveness_still_answers(monkeypatch):
     from serve_app import ingress
 
-    monkeypatch.setattr(ingress.GUARD, "api_keys", ())
+    monkeypatch.setattr(ingress.GUARD, "tenancy", None)
     monkeypatch.setattr(ingress.GUARD, "max_requests_in_flight", 2)
     monkeypatch.setattr(ingress.GUARD, "in_flight", 0)
     release = None
@@ -351,7 +351,7 @@ def test_requests_past_the_admission_bound_get_429_in_openai_shape_and_liveness_
 def test_a_client_trickling_its_body_holds_no_place_in_admission(monkeypatch):
     from serve_app import ingress
 
-    monkeypatch.setattr(ingress.GUARD, "api_keys", ())
+    monkeypatch.setattr(ingress.GUARD, "tenancy", None)
     monkeypatch.setattr(ingress.GUARD, "max_requests_in_flight", 1)
     monkeypatch.setattr(ingress.GUARD, "in_flight", 0)
     monkeypatch.setattr(ingress.GUARD, "body_read_timeout_s", 5.0)

@@ -409,6 +409,21 @@ def build_parser() -> argparse.ArgumentParser:
     _server_run_args(cpu, "cpu")
     cpu.set_defaults(func=cmd_cpu)
 
+    tenancy = sub.add_parser("tenancy", help="the ingress with tenancy on (Redis, PostgreSQL) against off, side by "
+                             "side; JSON")
+    tenancy.add_argument("--redis-url", required=True, help="a running Redis (e.g. redis://127.0.0.1:6390/0)")
+    tenancy.add_argument("--database-url", required=True,
+                         help="a running database, SQLAlchemy async URL (postgresql+asyncpg://...)")
+    tenancy.add_argument("--model", default=None, help="open_clip id (default: a tiny random model: the serving path)")
+    tenancy.add_argument("--pretrained", default=None)
+    tenancy.add_argument("--payloads", default="text:1", help="KIND:ITEMS_PER_REQUEST,...")
+    tenancy.add_argument("--concurrency", type=int, default=32)
+    tenancy.add_argument("--duration", type=float, default=15.0)
+    tenancy.add_argument("--warmup", type=float, default=3.0)
+    tenancy.add_argument("--rounds", type=int, default=2, help="windows of each variant, alternating")
+    _server_run_args(tenancy, "tenancy")
+    tenancy.set_defaults(func=cmd_tenancy)
+
     calls = sub.add_parser("calls", help="Ray Serve's own CPU per handle call (no work in the replicas), and the "
                            "pixels' hop to the encoder per image, by value and by reference; JSON")
     calls.add_argument("--calls", type=int, default=3000, help="calls per kind")
@@ -508,6 +523,25 @@ def cmd_soak(args: argparse.Namespace) -> int:
     print(f"\nwrote {json_path}")
     errors = sum(load["error_count"] for load in report["load"].values())
     return 0 if errors == 0 else 1
+
+
+def cmd_tenancy(args: argparse.Namespace) -> int:
+    from serve_app.bench.report import write_json
+    from serve_app.bench.tenancy import TenancyBenchSettings, run_tenancy, tenancy_table
+
+    payloads = [(kind, int(items)) for kind, _, items in (p.partition(":") for p in _strs(args.payloads))]
+    settings = TenancyBenchSettings(
+        redis_url=args.redis_url, database_url=args.database_url, model=args.model,
+        pretrained=_pretrained(args.pretrained) if args.model else None, payloads=payloads,
+        concurrency=args.concurrency, duration_s=args.duration, warmup_s=args.warmup, rounds=args.rounds,
+        app_args=json.loads(args.app_args), workdir=args.workdir,
+    )
+    report = run_tenancy(settings)
+    json_path, _ = _out_paths(args, "tenancy")
+    write_json(json_path, report)
+    print(tenancy_table(report))
+    print(f"\nwrote {json_path}")
+    return 0
 
 
 def cmd_calls(args: argparse.Namespace) -> int:

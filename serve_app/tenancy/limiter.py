@@ -22,6 +22,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from limits import RateLimitItemPerMinute
@@ -88,6 +89,51 @@ return out
 """
 
 
+class _Pipelined:
+    """Concurrent calls of one script in one round trip: the first call goes at once; calls made while a round
+    trip is in flight wait for it and go together in the next, as one pipeline. A lone request waits for
+    nothing; under load the client's cost per call (redis-py's, most of a call's) is shared by the batch."""
+
+    def __init__(self, client: aioredis.Redis, script: Any) -> None:
+        self._client = client
+        self._script = script
+        self._queue: list[tuple[list[str], list[int], asyncio.Future]] = []
+        self._busy = False
+
+    async def __call__(self, keys: list[str], args: list[int]) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((keys, args, future))
+        if not self._busy:
+            self._busy = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    if len(batch) == 1:
+                        keys, args, _ = batch[0]
+                        results = [await self._script(keys=keys, args=args)]
+                    else:
+                        pipe = self._client.pipeline(transaction=False)
+                        for keys, args, _ in batch:
+                            await self._script(keys=keys, args=args, client=pipe)
+                        results = await pipe.execute(raise_on_error=False)
+                except Exception as exc:  # the round trip failed: every call in it did
+                    results = [exc] * len(batch)
+                for (_, _, future), result in zip(batch, results):
+                    if future.done():  # its request was cancelled
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._busy = False
+
+
 @dataclass(frozen=True)
 class Want:
     """One limit of a request: take `cost` of it (all of a call's or none), after giving `back` what earlier
@@ -127,7 +173,7 @@ class RateLimiter:
             self._shared = aioredis.Redis.from_url(
                 redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
             )
-            self._script = self._shared.register_script(HIT_MANY)
+            self._script = _Pipelined(self._shared, self._shared.register_script(HIT_MANY))
         self._replicas = max(1, replicas)
         self.fail_closed = fail_closed
         self.degraded = False

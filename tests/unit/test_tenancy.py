@@ -260,3 +260,15 @@ def test_one_customers_cached_labels_are_not_anothers():
     assert cache.missing("m", templates, ["secret product"], namespace="key_a") == []
     assert cache.missing("m", templates, ["secret product"], namespace="key_b") == ["secret product"]
     assert cache.get_many("m", templates, ["secret product"], namespace="key_b") == {}
+
+
+def test_concurrent_calls_share_round_trips_and_count_exactly(store_url):
+    async def run():
+        limiter = RateLimiter(store_url)
+        verdicts = await asyncio.gather(*(limiter.hit(30, "key_c", "requests", 1) for _ in range(60)))
+        await limiter.close()
+        return verdicts
+
+    verdicts = asyncio.run(run())
+    assert sum(v.allowed for v in verdicts) == 30
+    assert sorted(v.window.remaining for v in verdicts if v.allowed) == list(range(30))

@@ -1142,3 +1142,144 @@ def test_documented_keys_commands_make_a_secret_of_hashes(tmp_path: Path):
     created = (tmp_path / "created").read_text().split()
     assert created[:6] == ["-n", "clip", "create", "secret", "generic", "clip-keys"]
     assert {"--from-file=keys.yaml=keys.yaml", "--dry-run=client", "yaml"} <= set(created)
+
+
+# ------------------------------------------------------------------ the dataset job (k8s/batch)
+
+BATCH = K8S / "batch"
+
+
+@cache
+def batch_docs() -> tuple[dict, ...]:
+    """k8s/batch as kustomize builds it, else its resources as written (the image left as `clip-serve`)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl:
+        out = subprocess.run([kubectl, "kustomize", str(BATCH)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
+    return tuple(_resources(BATCH, yaml.safe_load((BATCH / "kustomization.yaml").read_text())))
+
+
+def rayjob_pod_specs(rayjob: dict) -> dict[str, dict]:
+    specs = ray_pod_specs({"spec": {"rayClusterConfig": rayjob["spec"]["rayClusterSpec"]}})
+    specs["submitter"] = rayjob["spec"]["submitterPodTemplate"]["spec"]
+    return specs
+
+
+def rayjob_pod_labels(rayjob: dict) -> dict[str, dict]:
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    labels = {"head": cluster["headGroupSpec"]["template"]["metadata"]["labels"]}
+    labels.update({g["groupName"]: g["template"]["metadata"]["labels"] for g in cluster["workerGroupSpecs"]})
+    labels["submitter"] = rayjob["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+    return labels
+
+
+def entrypoint_args(rayjob: dict):
+    import shlex
+
+    from serve_app.batch.cli import build_parser
+
+    command, *argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert command == "clip-embed"
+    return build_parser().parse_args(argv)
+
+
+def test_rayjob_validates_against_kuberay_crd():
+    rayjob = one(batch_docs(), "RayJob")
+    jsonschema.validate(rayjob, crd_schema("RayJob"))
+    assert unknown_fields(rayjob["spec"], crd_schema("RayJob")["properties"]["spec"], "spec") == []
+    # the RayCluster KubeRay makes from it validates against the RayCluster CRD too
+    raycluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "clip-embed-x"},
+                  "spec": rayjob["spec"]["rayClusterSpec"]}
+    jsonschema.validate(raycluster, crd_schema("RayCluster"))
+    broken = copy.deepcopy(rayjob)
+    broken["spec"]["shutdownAfterJobFinish"] = True  # a typo the API server would drop silently
+    assert unknown_fields(broken["spec"], crd_schema("RayJob")["properties"]["spec"], "spec") == [
+        "spec.shutdownAfterJobFinish"]
+
+
+def test_rayjob_core_objects_validate_against_kubernetes_schemas():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    docs = batch_docs()
+    assert {d["kind"] for d in docs} == {"RayJob", "NetworkPolicy"}
+    kubernetes_validate.validate(one(docs, "NetworkPolicy"), K8S_VERSION, strict=True)
+    for name, spec in rayjob_pod_specs(one(docs, "RayJob")).items():
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+
+
+def test_rayjob_runs_clip_embed_with_the_service_model_on_a_cluster_of_its_own():
+    """The entrypoint parses with clip-embed's own parser; the model, Ray version and token auth are the service's;
+    the cluster goes after the job; the actors it asks for fit the pods (else the job would wait forever)."""
+    rayjob = one(batch_docs(), "RayJob")
+    spec = rayjob["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    assert spec["submissionMode"] == "K8sJobMode" and spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] > 0
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["clip-embed"] == "serve_app.batch.cli:main"
+    args = entrypoint_args(rayjob)
+    assert args.source.startswith("s3://") and args.out.startswith("s3://") and not args.overwrite
+    service = one(build("gpu"), "RayService")
+    served = serve_config(service)["applications"][0]["args"]
+    assert args.model == served["model"] and args.pretrained == served.get("pretrained")
+    assert args.precision in ("auto", served["precision"]) and served["precision"] == "bf16"  # auto: bf16 on a GPU
+    cluster, service_cluster = spec["rayClusterSpec"], service["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == service_cluster["rayVersion"]
+    assert cluster["authOptions"] == service_cluster["authOptions"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    gpu = groups["gpu-group"]
+    assert gpu["replicas"] == gpu["minReplicas"] == gpu["maxReplicas"] == args.concurrency
+    limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert float(limits["nvidia.com/gpu"]) == args.num_gpus == 1
+    from serve_app.batch.dataset import TASK_CPUS
+
+    worker_cpus = sum(float(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]) * g["replicas"]
+                      for g in groups.values())
+    assert args.concurrency * args.encoder_cpus + args.preprocess_concurrency + TASK_CPUS <= worker_cpus
+    assert args.encoder_cpus <= float(limits["cpu"])
+    # the same image as the service's pods, and every pod that loads the model reads the service's cache offline
+    images = {c["image"] for s in rayjob_pod_specs(rayjob).values()
+              for c in s["containers"] + s.get("initContainers", [])}
+    service_images = {c["image"] for s in ray_pod_specs(service).values() for c in s["containers"]}
+    assert images == service_images and len(images) == 1
+    for name in groups:
+        pod = rayjob_pod_specs(rayjob)[name]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert env["HF_HUB_OFFLINE"] == "1" and env["HF_HOME"].startswith("/models/")
+        (cache_volume,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+        assert cache_volume["persistentVolumeClaim"] == {"claimName": one(build("gpu"), "PersistentVolumeClaim")[
+            "metadata"]["name"], "readOnly": True}
+        assert args.model in pod["initContainers"][0]["command"][-1]
+
+
+def test_rayjob_pods_run_confined_and_apart_from_the_service():
+    """The service's hardening on every pod of the job (submitter included); no pod holds a Kubernetes API token;
+    the job's pods are outside the service's NetworkPolicy (no Ray traffic between the two clusters) and inside
+    the job's own, whose egress is DNS, its pods and HTTPS to public addresses (never the metadata address)."""
+    rayjob = one(batch_docs(), "RayJob")
+    service_security = ray_pod_specs(one(build("gpu"), "RayService"))["head"]["securityContext"]
+    for name, spec in rayjob_pod_specs(rayjob).items():
+        assert spec["securityContext"] == service_security, name
+        assert spec["automountServiceAccountToken"] is False, name
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for container in spec["containers"] + spec.get("initContainers", []):
+            context = container["securityContext"]
+            assert context == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                               "readOnlyRootFilesystem": True}, (name, container["name"])
+            (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+            assert "emptyDir" in volumes[tmp["name"]], (name, container["name"])
+    service_policy = named(build("gpu"), "NetworkPolicy", "clip-ray")
+    job_policy = one(batch_docs(), "NetworkPolicy")
+    for name, labels in rayjob_pod_labels(rayjob).items():
+        assert not selects(service_policy, labels), name
+        assert selects(job_policy, labels), name
+    assert job_policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    for rule in job_policy["spec"]["egress"]:
+        for peer in rule["to"]:
+            if "ipBlock" in peer:
+                assert "169.254.0.0/16" in peer["ipBlock"]["except"] and "10.0.0.0/8" in peer["ipBlock"]["except"]
+                assert [p["port"] for p in rule["ports"]] == [443]
+            else:
+                assert peer.get("podSelector", {}).get("matchLabels") in (
+                    {"app.kubernetes.io/name": "clip-embed-job"}, {"k8s-app": "kube-dns"})

@@ -90,13 +90,13 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def jobs(sources: dict, tiny_model_dir: Path) -> dict:
-    """Every job of the module in one subprocess: {name: (exit code, summary, output rows by id)}."""
+    """Every job of the module in one subprocess: {name: (exit code, summary, output rows by id)}. Texts go through
+    the same two stages, tested in-process below (each job here costs two actors' start: torch, open_clip)."""
     root = sources["root"]
     model = ["--model", f"local-dir:{tiny_model_dir}", "--batch-size", "4", "--encoder-cpus", "0.5"]
     argv = {
         "folder": [str(sources["folder"]), str(root / "out-folder")],
         "parquet-images": [str(sources["parquet"]), str(root / "out-pq-images"), "--id-column", "sku"],
-        "parquet-texts": [str(sources["parquet"]), str(root / "out-pq-texts"), "--kind", "texts"],
         "webdataset": [str(sources["shards"]), str(root / "out-wds")],
         "missing": [str(root / "no-such-dir"), str(root / "out-missing")],
     }
@@ -153,19 +153,6 @@ def test_parquet_images_carry_metadata(jobs: dict, sources: dict, reference):
     assert rows["sku-2"]["price"] is None and rows["sku-1"]["price"] == 9.5
     assert "image" not in rows["sku-1"]  # the image bytes are not copied to the output
     assert summary["kind"] == "images" and summary["failed"] == 1
-
-
-def test_parquet_texts(jobs: dict, sources: dict, reference):
-    code, summary, rows = jobs["parquet-texts"]
-    assert code == 0 and summary["kind"] == "texts" and summary["column"] == "caption"
-    assert len(rows) == 4 and all(len(i) == 16 for i in rows)  # no id column: a hash of file and row position
-    by_sku = {row["sku"]: row for row in rows.values()}
-    for sku, caption in sources["captions"].items():
-        if caption:
-            assert by_sku[sku]["error"] is None
-            assert_same(_vector(by_sku[sku]), expected_text(reference, caption))
-        else:
-            assert by_sku[sku]["embedding"] is None and "empty" in by_sku[sku]["error"]
 
 
 def test_webdataset(jobs: dict, sources: dict, reference):
@@ -292,3 +279,21 @@ def test_preprocessing_pool_fits_the_free_cpus():
     assert preprocess_pool(EmbedSettings(preprocess_concurrency=3), free_cpus=1) == (3, 1.0)
     with pytest.raises(ValueError, match="lower --encoder-cpus"):
         preprocess_pool(EmbedSettings(), free_cpus=2)
+
+
+def test_source_columns_and_ids():
+    """Which column a source embeds, and the ids of a Parquet source without an id column: a hash of the file and
+    the row's position (Ray Data's `row_hash`), stable across runs."""
+    from serve_app.batch.sources import SourceError, _parquet_ids, _pick_kind
+
+    assert _pick_kind("auto", "image", "caption", []) == ("images", "image")
+    assert _pick_kind("auto", None, "caption", []) == ("texts", "caption")
+    assert _pick_kind("texts", "image", "caption", []) == ("texts", "caption")
+    with pytest.raises(SourceError, match="--text-column"):
+        _pick_kind("texts", "image", None, ["image", "sku"])
+    table = pa.table({"sku": [7, 8], "row_hash": pa.array([1, 2**64 - 1], type=pa.uint64())})
+    hashed = _parquet_ids(table, None)
+    assert hashed.column_names == ["id", "sku"] and hashed.column("id").to_pylist() == [
+        "0000000000000001", "ffffffffffffffff"]
+    named = _parquet_ids(table.drop_columns(["row_hash"]), "sku")
+    assert named.column("id").to_pylist() == ["7", "8"] and named.column("sku").to_pylist() == [7, 8]

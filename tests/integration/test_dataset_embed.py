@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from tests.conftest import encode, random_image
 from tests.integration.test_api import assert_same, expected_image, expected_text

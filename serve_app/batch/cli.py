@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1 or args.concurrency < 1 or args.num_gpus < 0 or not math.isfinite(args.num_gpus):
         print("clip-embed: error: --batch-size and --concurrency must be >= 1, --num-gpus >= 0", file=sys.stderr)
         return 2
+    if args.device == "cuda" and not args.num_gpus:  # Ray would give the encoder actors no GPU
+        print("clip-embed: error: --device cuda needs --num-gpus (GPUs per encoder actor)", file=sys.stderr)
+        return 2
     started_ray = False
     try:
         started_ray = _init_ray(args)

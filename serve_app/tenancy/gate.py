@@ -270,7 +270,8 @@ class Tenancy:
         if fits:
             tenant.reserved = {"tokens": tokens, "images": images}
             return
-        kind = next(w.kind for w in wants if w.cost > 0 and not verdicts[w.kind].allowed)
+        kind = next((w.kind for w in wants if w.cost > 0 and not verdicts[w.kind].allowed),
+                    next(w.kind for w in wants if w.cost > 0))
         cost = {"requests": 1, "tokens": tokens, "images": images}[kind]
         self._take(tenant, kind, cost, verdicts[kind])
 

@@ -21,10 +21,11 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
@@ -99,28 +100,36 @@ class _Pipelined:
         self._script = script
         self._queue: list[tuple[list[str], list[int], asyncio.Future]] = []
         self._busy = False
+        self._drainer: asyncio.Task | None = None  # held: a task nothing references may be collected
 
     async def __call__(self, keys: list[str], args: list[int]) -> Any:
         future = asyncio.get_running_loop().create_future()
         self._queue.append((keys, args, future))
         if not self._busy:
             self._busy = True
-            asyncio.get_running_loop().create_task(self._drain())
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
         return await future
+
+    async def _send(self, batch: list[tuple[list[str], list[int], asyncio.Future]]) -> list[Any]:
+        """One round trip of EVALSHAs (redis-py's pipelined Script asks SCRIPT EXISTS first: a second one);
+        a server that lost its scripts (restarted) gets the script once and the batch again."""
+        for attempt in (1, 2):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for keys, args, _ in batch:
+                    pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+                results = await pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
+                await self._client.script_load(self._script.script)
+                continue
+            return results
+        return results
 
     async def _drain(self) -> None:
         try:
             while self._queue:
                 batch, self._queue = self._queue, []
                 try:
-                    if len(batch) == 1:
-                        keys, args, _ = batch[0]
-                        results = [await self._script(keys=keys, args=args)]
-                    else:
-                        pipe = self._client.pipeline(transaction=False)
-                        for keys, args, _ in batch:
-                            await self._script(keys=keys, args=args, client=pipe)
-                        results = await pipe.execute(raise_on_error=False)
+                    results = await self._send(batch)
                 except Exception as exc:  # the round trip failed: every call in it did
                     results = [exc] * len(batch)
                 for (_, _, future), result in zip(batch, results):
@@ -194,6 +203,8 @@ class RateLimiter:
                 return await self._hit_shared(key_id, wants)
             except Exception as exc:  # Redis gone, slow or failing: counted locally from here on
                 self._fall_back(exc)
+                # what was held in Redis is not given back to the local counters (it would add capacity)
+                wants = [replace(w, back=min(w.back, 0)) for w in wants]
         elif self._shared is not None and self.fail_closed:
             raise Unavailable("Rate limits cannot be checked right now (their store is unreachable); retry later.")
         return await self._hit_local(key_id, wants)
@@ -225,8 +236,10 @@ class RateLimiter:
         limiter = SlidingWindowCounterRateLimiter(self._local)
         items = {w.kind: RateLimitItemPerMinute(self._local_limit(w.per_minute)) for w in wants}
         for want in wants:
-            if want.back < 0:  # use beyond a reservation: counted even past the limit
-                await self._local.incr(items[want.kind].key_for(key_id, want.kind), EXPIRY_S * 2, -want.back)
+            if want.back < 0:  # use beyond a reservation: counted even past the limit, in the current window
+                _, current = self._local.sliding_window_keys(items[want.kind].key_for(key_id, want.kind), EXPIRY_S,
+                                                             time.time())
+                await self._local.incr(current, EXPIRY_S * 2, -want.back)
             elif want.back > 0:
                 await limiter.hit(items[want.kind], key_id, want.kind, cost=-want.back)
         fits = all(w.cost <= items[w.kind].amount for w in wants)
@@ -287,7 +300,8 @@ def _verdict(taken: bool, limit: int, cost: int, previous: int, previous_ttl: fl
     `taken`: the call's costs were taken; when they were not, this limit's verdict says whether its own cost
     would have fitted (the refused call names the limit that did not)."""
     weighted = previous * previous_ttl / expiry + current
-    used = math.floor(weighted)
+    # as the script counts (integer milliseconds), so that a verdict never disagrees with Redis's
+    used = math.floor(previous * round(previous_ttl * 1000) / round(expiry * 1000)) + current
     allowed = taken or cost <= 0 or (cost <= limit and used + cost <= limit)
     remaining = max(0, limit - used)
     # the weighted count falls as the previous window's share runs out: previous/expiry per second

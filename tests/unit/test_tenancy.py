@@ -272,3 +272,34 @@ def test_concurrent_calls_share_round_trips_and_count_exactly(store_url):
     verdicts = asyncio.run(run())
     assert sum(v.allowed for v in verdicts) == 30
     assert sorted(v.window.remaining for v in verdicts if v.allowed) == list(range(30))
+
+
+def test_use_beyond_a_reservation_counts_past_the_limit(store_url):
+    async def run():
+        limiter = RateLimiter(store_url)
+        await limiter.hit(100, "key_o", "tokens", 90)
+        over = await limiter.hit_many("key_o", [Want("tokens", 100, 0, back=-50)])  # used 50 more than held
+        refused = await limiter.hit(100, "key_o", "tokens", 1)
+        await limiter.close()
+        return over, refused
+
+    (_, verdicts), refused = asyncio.run(run())
+    assert verdicts["tokens"].window.used == 140 and verdicts["tokens"].window.remaining == 0
+    assert not refused.allowed
+
+
+def test_a_redis_that_lost_its_scripts_is_given_them_again(redis_server):
+    import redis
+
+    async def run():
+        limiter = RateLimiter(redis_server.url)
+        first = await limiter.hit_many("key_s", [Want("requests", 10, 1)])
+        redis.Redis.from_url(redis_server.url).script_flush()  # as a restarted server
+        again = await asyncio.gather(*(limiter.hit_many("key_s", [Want("requests", 10, 1)]) for _ in range(3)))
+        degraded = limiter.degraded
+        await limiter.close()
+        return first, again, degraded
+
+    first, again, degraded = asyncio.run(run())
+    assert first[0] and all(fits for fits, _ in again) and not degraded
+    assert sorted(v["requests"].window.remaining for _, v in again) == [6, 7, 8]

@@ -93,8 +93,10 @@ class BatchSettings(StrictModel):
     refill_gap_s: float = Field(default=0.01, ge=0.0, le=10.0)
     # The ingress's side (serve_app/coalescing.py), read when it starts: while this many calls of a modality are
     # in flight to this model's encoder, more requests' rows wait there and go together in the next call (at most
-    # `text_max_batch_size` rows); 0: every request is its own call.
-    ingress_calls_in_flight: int = Field(default=2, ge=0, le=1024)
+    # `text_max_batch_size` rows); 0 (the default): every request is its own call. Off by default: rows waiting
+    # in the ingress are not counted by the encoder pool's `max_queued_requests` (which counts calls), so with it
+    # on an overloaded pool answers late (the deadline's 504) instead of refusing at once (429).
+    ingress_calls_in_flight: int = Field(default=0, ge=0, le=1024)
 
 
 # Each pool's defaults, in one place. A user's pool settings are merged over these key by key

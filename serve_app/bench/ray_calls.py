@@ -18,9 +18,11 @@ Rows and pixels travel as torch tensors (what the service sends today) and, as `
 pickles a tensor's storage through its own serialiser, several times slower than numpy's buffer. Each kind runs
 with Serve's default for the handles (in its throughput mode, calls by value over gRPC: a preprocessor's answer
 passed on is awaited by the caller, and its pixels pass through the caller's process) and, for images, by
-reference (`handle.options(_by_reference=True)`: Ray's object store, the caller holds a reference only). CPU is every process of this Ray instance (GCS, raylet, the replicas; the driver waits), read from /proc
-before and after each window, less what the idle instance spends over the same wall time; a process's share
-tells where it goes.
+reference (`handle.options(_by_reference=True)`: Ray's object store, the caller holds a reference only).
+
+CPU is every process of this Ray instance (GCS, raylet, the replicas; the driver waits), read from /proc before
+and after each window, less what the idle instance spends over the same wall time; a process's share tells
+where it goes.
 """
 
 import asyncio

@@ -313,7 +313,8 @@ def test_concurrent_text_requests_share_calls_and_keep_their_vectors_and_token_c
         encoder = FakeEncoder(hold=True)
         clip = service(encoder)
         texts = [["a bb"], ["ccc", "dddd eeeee ffffff"], ["ggggggg"]]
-        tasks = [asyncio.ensure_future(clip.embed(clip.model("m"), [TextInput(t, "input") for t in ts])) for ts in texts]
+        model = clip.model("m")
+        tasks = [asyncio.ensure_future(clip.embed(model, [TextInput(t, "input") for t in ts])) for ts in texts]
         await settle()
         encoder.open()
         results = await asyncio.gather(*tasks)
@@ -331,7 +332,8 @@ def test_ray_s_backpressure_refusal_still_becomes_a_429_for_every_waiting_reques
         encoder = FakeEncoder(hold=True, error=BackPressureError(num_queued_requests=9, max_queued_requests=8,
                                                                  status_code=429, retry_after_s=1))
         clip = service(encoder)
-        tasks = [asyncio.ensure_future(clip.embed(clip.model("m"), [TextInput(f"text {i}", "input")])) for i in range(3)]
+        model = clip.model("m")
+        tasks = [asyncio.ensure_future(clip.embed(model, [TextInput(f"text {i}", "input")])) for i in range(3)]
         await settle()
         encoder.open()
         results = await asyncio.gather(*tasks, return_exceptions=True)

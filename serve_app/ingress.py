@@ -447,7 +447,7 @@ class OpenAIIngress:
             self._in_process = [handle.target for handle in encoders.values()]
         served = {
             spec.name: ServedModel(spec.name, load_model_config(spec.model, spec.pretrained), encoders[spec.name],
-                                   get_tokenizer(spec.model))
+                                   get_tokenizer(spec.model), spec.batching)
             for spec in models
         }
         self._service = ClipService(preprocessor, served, zero_shot)

@@ -54,6 +54,11 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch intra-op threads")
 
 
+def _payload_list(text: str) -> list[tuple[str, int]]:
+    """`KIND:ITEMS,...` (`text:1,image:8`) as (kind, items per request) pairs."""
+    return [(kind, int(items)) for kind, _, items in (p.partition(":") for p in _strs(text))]
+
+
 def _server_run_args(parser: argparse.ArgumentParser, mode: str) -> None:
     """What a mode that starts our service takes: its args, its working directory and where the JSON goes."""
     parser.add_argument("--app-args", default="{}", help="JSON merged over the service's args")
@@ -529,7 +534,7 @@ def cmd_tenancy(args: argparse.Namespace) -> int:
     from serve_app.bench.report import write_json
     from serve_app.bench.tenancy import TenancyBenchSettings, run_tenancy, tenancy_table
 
-    payloads = [(kind, int(items)) for kind, _, items in (p.partition(":") for p in _strs(args.payloads))]
+    payloads = _payload_list(args.payloads)
     settings = TenancyBenchSettings(
         redis_url=args.redis_url, database_url=args.database_url, model=args.model,
         pretrained=_pretrained(args.pretrained) if args.model else None, payloads=payloads,
@@ -563,7 +568,7 @@ def cmd_cpu(args: argparse.Namespace) -> int:
     from serve_app.bench.cpu import CpuSettings, cpu_table, run_cpu
     from serve_app.bench.report import write_json
 
-    payloads = [(kind, int(items)) for kind, _, items in (p.partition(":") for p in _strs(args.payloads))]
+    payloads = _payload_list(args.payloads)
     settings = CpuSettings(model=args.model, pretrained=_pretrained(args.pretrained) if args.model else None,
                            threads=args.threads, layouts=_strs(args.layouts), payloads=payloads,
                            concurrency=args.concurrency, duration_s=args.duration, warmup_s=args.warmup,

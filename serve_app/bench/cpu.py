@@ -98,29 +98,42 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
 
+def serving_path_model(workdir: Path, model: str | None, pretrained: str | None) -> tuple[str, str | None]:
+    """The model to measure: the one given, or a tiny random one written to `workdir` (its forward pass costs
+    almost nothing, so what is measured is the serving path)."""
+    from serve_app.dev_model import write_tiny_model
+
+    if model is not None:
+        return model, pretrained
+    directory = workdir / "tiny-clip"
+    if not (directory / "open_clip_config.json").exists():
+        write_tiny_model(directory, seed=0)
+    return f"local-dir:{directory}", None
+
+
+def closed_loop_args(args: dict[str, Any], concurrency: int) -> dict[str, Any]:
+    """A closed loop at full concurrency must meet neither the deadline nor the admission bound: a 429 would
+    count as a cheap request and understate the CPU per request."""
+    from serve_app.bench.compare import merge_args
+
+    return merge_args(args, {"request_timeout_s": 120,
+                             "limits": {"max_requests_in_flight": max(1024, 4 * concurrency)}})
+
+
 def run_cpu(settings: CpuSettings) -> dict[str, Any]:
-    from serve_app.bench.compare import CompareSettings, merge_args, one_process_app_args, our_app_args
+    from serve_app.bench.compare import CompareSettings, one_process_app_args, our_app_args
     from serve_app.bench.loadgen import Level, LoadSettings, run_load
     from serve_app.bench.report import machine_info
     from serve_app.bench.servers import OurServer
-    from serve_app.dev_model import write_tiny_model
 
     workdir = Path(settings.workdir)
-    model, pretrained = settings.model, settings.pretrained
-    if model is None:
-        directory = workdir / "tiny-clip"
-        if not (directory / "open_clip_config.json").exists():
-            write_tiny_model(directory, seed=0)
-        model, pretrained = f"local-dir:{directory}", None
+    model, pretrained = serving_path_model(workdir, settings.model, settings.pretrained)
     compare = CompareSettings(model=model, pretrained=pretrained, threads=settings.threads,
                               app_args=settings.app_args)
     rows = []
     for layout in settings.layouts:
         args = one_process_app_args(compare) if layout == "one-process" else our_app_args(compare)
-        # A closed loop at full concurrency must meet neither the deadline nor the admission bound: a 429 would
-        # count as a cheap request and understate the CPU per request.
-        args = merge_args(args, {"request_timeout_s": 120,
-                                 "limits": {"max_requests_in_flight": max(1024, 4 * settings.concurrency)}})
+        args = closed_loop_args(args, settings.concurrency)
         server = OurServer(workdir / layout, args)
         served = args["served_model_name"]
         with server:

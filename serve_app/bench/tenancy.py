@@ -49,24 +49,17 @@ def _keys_file(path: Path) -> Path:
 
 def run_tenancy(settings: TenancyBenchSettings) -> dict[str, Any]:
     from serve_app.bench.compare import CompareSettings, merge_args, our_app_args
-    from serve_app.bench.cpu import _payload, tree_cpu_s
+    from serve_app.bench.cpu import _payload, closed_loop_args, serving_path_model, tree_cpu_s
     from serve_app.bench.loadgen import Level, LoadSettings, run_load, wait_until_serving
     from serve_app.bench.report import machine_info
     from serve_app.bench.servers import OurServer
-    from serve_app.dev_model import write_tiny_model
 
     workdir = Path(settings.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    model, pretrained = settings.model, settings.pretrained
-    if model is None:
-        directory = workdir / "tiny-clip"
-        if not (directory / "open_clip_config.json").exists():
-            write_tiny_model(directory, seed=0)
-        model, pretrained = f"local-dir:{directory}", None
-    base = our_app_args(CompareSettings(model=model, pretrained=pretrained, threads=settings.threads,
-                                        app_args=settings.app_args))
-    base = merge_args(base, {"request_timeout_s": 120,
-                             "limits": {"max_requests_in_flight": max(1024, 4 * settings.concurrency)}})
+    model, pretrained = serving_path_model(workdir, settings.model, settings.pretrained)
+    base = closed_loop_args(our_app_args(CompareSettings(model=model, pretrained=pretrained,
+                                                         threads=settings.threads, app_args=settings.app_args)),
+                            settings.concurrency)
     tenancy = {"keys_file": str(_keys_file(workdir / "keys.yaml")), "redis_url": settings.redis_url,
                "database_url": settings.database_url}
     variants = {"off": (base, {}), "on": (merge_args(base, {"tenancy": tenancy}),

@@ -65,6 +65,8 @@ def _hardening(args: AppArgs, ingress_max_ongoing: int | None) -> dict[str, Any]
         "tenancy": args.tenancy,
         "ingress_replicas": _max_replicas(args),
         "image_url_policy": args.image_url_policy,
+        "batch": args.batch,
+        "batch_runner": _batch_runner(args, args.model_specs()),
     }
 
 
@@ -83,3 +85,21 @@ def _constructor_spec(spec: ModelSpec) -> ModelSpec:
     """Batching reaches the replica only through user_config, so changing it is a light update
     (`reconfigure`), not a restart: the constructor arguments stay the same."""
     return spec.model_copy(update={"batching": BatchSettings()})
+
+
+
+def _batch_runner(args: AppArgs, specs: list[ModelSpec]) -> Any:
+    """The BatchRunner deployment when the Batch API is on, else None. Nothing calls it (it takes its work
+    from the database); it is handed to the ingress because an application deploys what its ingress is bound
+    to."""
+    if not args.batch.enabled:
+        return None
+    from serve_app.batch.runner import BatchRunner
+    from serve_app.protocol import ListLimits
+
+    list_limits = (args.max_inputs_per_request, args.zero_shot.max_labels, args.zero_shot.max_templates)
+    assert len(list_limits) == len(ListLimits.__dataclass_fields__)
+    return BatchRunner.options(**args.batch.runner.deployment_options()).bind(
+        args.batch, [_constructor_spec(s) for s in specs], args.image_limits, args.limits, args.image_url_policy,
+        args.max_inputs_per_request, args.tenancy, list_limits,
+    )

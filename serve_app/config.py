@@ -385,6 +385,59 @@ class TenancySettings(StrictModel):
     )
 
 
+class JobStages(StrictModel):
+    """The two Ray Data stages of a bulk job (serve_app/batch/): their sizes and resources."""
+
+    batch_size: int = Field(default=64, ge=1, le=4096, description="rows per encoder forward pass")
+    concurrency: int = Field(default=1, ge=1, description="encoder actors (one model each)")
+    num_gpus: float = Field(default=0, ge=0, description="GPUs per encoder actor (0: the encoder runs on CPUs)")
+    encoder_cpus: float = Field(default=1, gt=0, description="CPUs per encoder actor; on the CPU, its torch threads")
+    preprocess_concurrency: int | None = Field(
+        default=None, ge=1,
+        description="preprocessing actors (None: an autoscaling pool up to the CPUs the encoders leave)",
+    )
+    preprocess_cpus: float = Field(default=1, gt=0, description="CPUs per preprocessing actor, when their number "
+                                   "is set")
+    preprocess_batch_size: int = Field(default=16, ge=1, le=4096, description="rows per preprocessing call")
+    niceness: int = Field(
+        default=0, ge=0, le=19,
+        description="the stages' processes run at this OS niceness: on CPUs shared with online replicas, the "
+        "online work is scheduled first",
+    )
+
+
+class BatchAPISettings(StrictModel):
+    """OpenAI's Files and Batch API (README.md, "Bulk embedding"): files in `storage`, records in the tenancy
+    database, jobs run on Ray Data by the BatchRunner deployment."""
+
+    enabled: bool = Field(default=False, description="serve /v1/files and /v1/batches and run the BatchRunner")
+    storage: str | None = Field(
+        default=None, description="where files live: a local directory, or s3://bucket/prefix (pyarrow's URI "
+        "options, e.g. ?endpoint_override=host:port&scheme=http; credentials from the AWS_* environment) "
+        "(also CLIP_BATCH_STORAGE); none: ~/.local/share/clip-serve/files",
+    )
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1, description="an uploaded file's size (OpenAI's)")
+    max_requests_per_file: int = Field(default=50_000, ge=1, description="lines of a batch's input file")
+    max_inputs_per_batch: int = Field(default=50_000, ge=1, description="embedding inputs of all a batch's lines")
+    max_active_batches_per_key: int = Field(default=8, ge=1, description="batches of one key not yet finished")
+    retention_days: float = Field(default=30, gt=0, description="files and batch outputs are deleted after this")
+    transfer_timeout_s: float = Field(
+        default=900, gt=0, description="uploading or downloading one file (in place of the request deadline)",
+    )
+    price_factor: float = Field(default=0.5, ge=0, description="a batch's price against the online price")
+    lease_s: float = Field(
+        default=30, ge=2, description="a runner renews its claim on a batch this often x3; a batch whose claim "
+        "lapsed (its runner died) is resumed by another",
+    )
+    max_attempts: int = Field(default=3, ge=1, description="runs of a batch before it is marked failed")
+    poll_interval_s: float = Field(default=1.0, gt=0, le=10, description="how often runners look for work")
+    runner: PoolSettings = Field(
+        default_factory=lambda: PoolSettings(num_replicas=1, num_cpus=0.25, max_ongoing_requests=4),
+        description="the BatchRunner deployment (it drives jobs; their stages are Ray Data's actors)",
+    )
+    job: JobStages = Field(default_factory=JobStages)
+
+
 class AppArgs(StrictModel):
     """Arguments of `serve_app.app:build_app` (YAML `args:` or `serve run ... key=value`).
 
@@ -430,6 +483,7 @@ class AppArgs(StrictModel):
     )
     api_keys_file: str | None = Field(default=None, description="file of API keys, one a line ('#' comments)")
     tenancy: TenancySettings = Field(default_factory=TenancySettings)
+    batch: BatchAPISettings = Field(default_factory=BatchAPISettings)
     image_url_policy: ImageURLPolicy = Field(
         default="off",
         description="image URLs: off (refused), public (http/https to public addresses only), or a list of "

@@ -228,3 +228,36 @@ def error_body(status: int, message: str, error_type: str, param: str | None = N
     return MappedError(
         status, {"error": {"message": message, "type": error_type, "param": param, "code": code or status}}
     )
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def param_from_loc(loc: tuple[Any, ...]) -> str | None:
+    """('body', 'input', 'list[...]', 3, 'image-part', 'image_url', 'ImageURL') -> 'input[3].image_url'.
+
+    pydantic adds union branches to locations (type names, class names, our hyphenated tags); only
+    field names (lower-case identifiers) and indexes name what the client sent.
+    """
+    param = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part.isidentifier() and part[0].islower() and part not in _TYPE_NAMES:
+            param += ("." if param else "") + part
+    return param or None
+
+
+def validation_failure(errors: list[dict[str, Any]]) -> MappedError:
+    """A request body's validation errors (pydantic's) as one 400 naming the offending item: the online routes'
+    answer and a batch line's alike."""
+    # Union types fail once per branch; the deepest location names the offending item best (input[3]).
+    first = max(errors, key=lambda e: len(e.get("loc", ())), default={"loc": (), "msg": "invalid request"})
+    if first.get("type") == "json_invalid":
+        return error_body(400, "request body is not valid JSON", "invalid_request_error")
+    param = param_from_loc(tuple(first.get("loc", ())))
+    messages = "; ".join(dict.fromkeys([str(first.get("msg"))] + [str(e.get("msg")) for e in errors[:4]]))
+    message = f"invalid value for `{param}`: {messages}" if param else f"invalid request: {messages}"
+    if param is None and first.get("type") == "missing":
+        message = "request body is required (JSON)"
+    return error_body(400, message, "invalid_request_error", param)

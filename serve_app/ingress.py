@@ -13,9 +13,9 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from starlette.datastructures import Headers
@@ -23,12 +23,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import metrics
 from serve_app.auth import OPEN_ROUTES, bearer_token, open_network_warning, resolve_api_keys
+from serve_app.batch.protocol import Batch, BatchCreate, FileDeleted, FileObject, ListPage
 from serve_app.config import (
-    ImageLimits, ImageURLPolicy, ModelSpec, RequestLimits, TenancySettings, ZeroShotSettings,
+    BatchAPISettings, ImageLimits, ImageURLPolicy, ModelSpec, RequestLimits, TenancySettings, ZeroShotSettings,
 )
 from serve_app.errors import (
-    DeadlineExceeded, NotFound, TooManyInFlight, PayloadTooLarge, RequestTimeout, error_body, error_payload,
-    find_app_error,
+    DeadlineExceeded, InvalidRequest, NotFound, TooManyInFlight, PayloadTooLarge, RequestTimeout, error_body, error_payload,
+    find_app_error, validation_failure,
 )
 from serve_app.in_process import in_process_pools
 from serve_app import loop_lag
@@ -88,37 +89,10 @@ def _embedding_json(model: ServedModel, embedded: Any, encoding_format: str) -> 
     return _json(embedding_response(model, embedded, encoding_format))
 
 
-_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
-
-
-def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
-    """('body', 'input', 'list[...]', 3, 'image-part', 'image_url', 'ImageURL') -> 'input[3].image_url'.
-
-    pydantic adds union branches to locations (type names, class names, our hyphenated tags); only
-    field names (lower-case identifiers) and indexes name what the client sent.
-    """
-    param = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
-        if isinstance(part, int):
-            param += f"[{part}]"
-        elif part.isidentifier() and part[0].islower() and part not in _TYPE_NAMES:
-            param += ("." if param else "") + part
-    return param or None
-
-
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-    errors = exc.errors()
-    # Union types fail once per branch; the deepest location names the offending item best (input[3]).
-    first = max(errors, key=lambda e: len(e.get("loc", ())), default={"loc": (), "msg": "invalid request"})
-    if first.get("type") == "json_invalid":
-        return _json(error_body(400, "request body is not valid JSON", "invalid_request_error").body, 400)
-    param = _param_from_loc(tuple(first.get("loc", ())))
-    messages = "; ".join(dict.fromkeys([str(first.get("msg"))] + [str(e.get("msg")) for e in errors[:4]]))
-    message = f"invalid value for `{param}`: {messages}" if param else f"invalid request: {messages}"
-    if param is None and first.get("type") == "missing":
-        message = "request body is required (JSON)"
-    return _json(error_body(400, message, "invalid_request_error", param).body, 400)
+    mapped = validation_failure(exc.errors())
+    return _json(mapped.body, mapped.status_code)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -135,8 +109,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
                  dict(exc.headers or {}))
 
 
+FILES_PREFIX = "/v1/files"
 KNOWN_ROUTES = {"/v1/embeddings", "/v1/classify", "/v1/rerank", "/v1/models", "/health", "/livez", "/openapi.json",
-                "/docs", "/v1/organization/usage/embeddings", "/v1/organization/api_keys"}
+                "/docs", "/v1/organization/usage/embeddings", "/v1/organization/api_keys",
+                FILES_PREFIX, "/v1/batches"}
 
 
 class _Guard:
@@ -150,8 +126,23 @@ class _Guard:
     max_json_values: int = RequestLimits().max_json_values
     max_requests_in_flight: int = 1 << 30  # admission control: beyond it, 429 in OpenAI's shape
     in_flight: int = 0
+    # The Files API (batch.enabled): uploads up to this many bytes, and file transfers within this many seconds
+    # instead of the request deadline and the body's read timeout. None: no Files API.
+    file_body_bytes: int | None = None
+    transfer_timeout_s: float = 900.0
+
+    def bounds(self, path: str, method: str) -> tuple[int, float, int, float | None]:
+        """(body bytes, body read timeout, JSON values, deadline) of a request: a file upload is not JSON and a
+        transfer of hundreds of megabytes takes longer than any API call."""
+        if self.file_body_bytes is not None and path.startswith(FILES_PREFIX):
+            if method == "POST" and path == FILES_PREFIX:
+                return self.file_body_bytes, self.transfer_timeout_s, 1 << 62, self.transfer_timeout_s
+            return self.max_body_bytes, self.body_read_timeout_s, self.max_json_values, self.transfer_timeout_s
+        return self.max_body_bytes, self.body_read_timeout_s, self.max_json_values, self.request_timeout_s
 
 
+# Multipart framing around an uploaded file: its boundaries and the `purpose` field.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
 GUARD = _Guard()
 
 
@@ -278,19 +269,20 @@ class EveryRequest:
                 tenant = tenancy.authenticate(authorization, bearer_token(authorization), path, request_id)
                 context = tenancy_gate.CURRENT.set(tenant)
                 await tenancy.admit(tenant)
+            max_body, read_timeout, max_values, deadline = GUARD.bounds(path, scope.get("method", ""))
             length = headers.get("content-length")
             if length is not None:
                 if not length.isdigit():
                     status = 400
                     await _refuse(scope, receive, send, 400, "invalid Content-Length header")
                     return
-                if int(length) > GUARD.max_body_bytes:  # before a byte of the body is read
+                if int(length) > max_body:  # before a byte of the body is read
                     status = 413
                     metrics.count_rejected(route, "too_large")
                     await _refuse(scope, receive, send, 413,
-                                  f"request body is {int(length)} bytes; the limit is {GUARD.max_body_bytes}")
+                                  f"request body is {int(length)} bytes; the limit is {max_body}")
                     return
-            body = _body_cap(receive, GUARD.max_body_bytes, GUARD.body_read_timeout_s, GUARD.max_json_values)
+            body = _body_cap(receive, max_body, read_timeout, max_values)
 
             def admit() -> None:
                 """Counts the request in flight once its body has arrived (a client trickling a body holds a
@@ -307,7 +299,7 @@ class EveryRequest:
             body.on_complete = admit
             if scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE"):
                 admit()
-            await self._bounded(scope, body, send_and_watch)
+            await self._bounded(scope, body, send_and_watch, deadline)
         except Exception as exc:  # the one error mapper
             request_id = headers.get("x-request-id") or uuid.uuid4().hex
             mapped = error_payload(exc, request_id)
@@ -327,9 +319,8 @@ class EveryRequest:
                 tenancy_gate.CURRENT.reset(context)  # type: ignore[arg-type]
             metrics.observe_request(route, status, time.perf_counter() - start)
 
-    async def _bounded(self, scope: Any, receive: Any, send: Any) -> None:
+    async def _bounded(self, scope: Any, receive: Any, send: Any, timeout: float | None) -> None:
         """Runs the app within the server's deadline."""
-        timeout = GUARD.request_timeout_s
         if timeout is None:
             await self.app(scope, receive, send)
             return
@@ -424,6 +415,8 @@ class OpenAIIngress:
         max_requests_in_flight: int | None = None,
         tenancy: TenancySettings | None = None,
         ingress_replicas: int = 1,
+        batch: BatchAPISettings | None = None,
+        batch_runner: Any = None,
     ) -> None:
         """`preprocessor` and `encoders` are handles of the other pools, or None in the one-process
         layout: then this replica builds them itself (`in_process_pools`) from `models` and `image_limits`.
@@ -437,6 +430,15 @@ class OpenAIIngress:
         configure_guard(self._tenancy, self._limits.max_body_bytes, self._limits.body_read_timeout_s,
                         request_timeout_s, self._limits.max_json_values, max_requests_in_flight)
         configure_list_limits(max_inputs_per_request, zero_shot.max_labels, zero_shot.max_templates)
+        self._batch_api = None
+        self._batch_runner = batch_runner  # deployed with the app; it takes its work from the database
+        if batch is not None and batch.enabled:
+            from serve_app.batch.runner import database_url
+            from serve_app.batch.service import BatchAPI
+
+            self._batch_api = BatchAPI(batch, database_url(tenancy or TenancySettings()))
+            GUARD.file_body_bytes = batch.max_file_bytes + MULTIPART_OVERHEAD_BYTES
+            GUARD.transfer_timeout_s = batch.transfer_timeout_s
         logger.info("API keys: %d configured", len(self._tenancy.ring))  # the count, never a key
         _warn_if_open(len(self._tenancy.ring) > 0)
         self._in_process: list[Any] = []
@@ -525,6 +527,65 @@ class OpenAIIngress:
             model, query, documents, originals, request.top_n, request.return_documents
         )
         return await off_loop(len(response.results) * (64 if request.return_documents else 1), _rerank_json, response)
+
+    # ------------------------------------------------------------------ Files and Batch API (serve_app/batch/)
+
+    def _batches(self) -> Any:
+        if self._batch_api is None:
+            raise NotFound("the Files and Batch API is not enabled on this server (batch.enabled)")
+        return self._batch_api
+
+    @app.post(FILES_PREFIX, response_model=FileObject, responses=ERROR_RESPONSES)
+    async def upload_file(self, request: Request) -> Response:
+        """A .jsonl batch input file (multipart `file`, `purpose=batch`), as OpenAI's Files API."""
+        api = self._batches()
+        try:
+            form = await request.form(max_files=1, max_fields=8, max_part_size=64 * 1024)
+        except Exception as exc:
+            if find_app_error(exc) is not None:
+                raise
+            raise InvalidRequest(f"the upload must be multipart form data with `file` and `purpose`: {exc}",
+                                 param="file") from None
+        try:
+            return _json(await api.upload(form))
+        finally:
+            await form.close()
+
+    @app.get(FILES_PREFIX, response_model=ListPage, responses=ERROR_RESPONSES)
+    async def list_files(self, purpose: str | None = None, after: str | None = None,
+                         limit: int = Query(10_000, ge=1, le=10_000),
+                         order: str = Query("desc", pattern="^(asc|desc)$")) -> Response:
+        return _json(await self._batches().files(purpose, after, limit, order))
+
+    @app.get(FILES_PREFIX + "/{file_id}", response_model=FileObject, responses=ERROR_RESPONSES)
+    async def get_file(self, file_id: str) -> Response:
+        return _json(await self._batches().file(file_id))
+
+    @app.get(FILES_PREFIX + "/{file_id}/content", responses=ERROR_RESPONSES)
+    async def file_content(self, file_id: str) -> Response:
+        """The file's bytes, streamed from the store."""
+        chunks = await self._batches().content(file_id)
+        return StreamingResponse(chunks, media_type="application/octet-stream")
+
+    @app.delete(FILES_PREFIX + "/{file_id}", response_model=FileDeleted, responses=ERROR_RESPONSES)
+    async def delete_file(self, file_id: str) -> Response:
+        return _json(await self._batches().delete(file_id))
+
+    @app.post("/v1/batches", response_model=Batch, responses=ERROR_RESPONSES)
+    async def create_batch(self, request: BatchCreate) -> Response:
+        return _json(await self._batches().create(request))
+
+    @app.get("/v1/batches", response_model=ListPage, responses=ERROR_RESPONSES)
+    async def list_batches(self, after: str | None = None, limit: int = Query(20, ge=1, le=100)) -> Response:
+        return _json(await self._batches().batches(after, limit))
+
+    @app.get("/v1/batches/{batch_id}", response_model=Batch, responses=ERROR_RESPONSES)
+    async def get_batch(self, batch_id: str) -> Response:
+        return _json(await self._batches().batch(batch_id))
+
+    @app.post("/v1/batches/{batch_id}/cancel", response_model=Batch, responses=ERROR_RESPONSES)
+    async def cancel_batch(self, batch_id: str) -> Response:
+        return _json(await self._batches().cancel(batch_id))
 
     # ------------------------------------------------------------------ admin (admin keys only: EveryRequest)
 

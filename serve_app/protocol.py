@@ -170,7 +170,7 @@ class JinaImage(WireModel):
 
 
 def _object_kind(value: Any) -> str | None:
-    # Tags are not identifiers, so that error locations can drop them (see ingress._param_from_loc).
+    # Tags are not identifiers, so that error locations can drop them (see errors.param_from_loc).
     if isinstance(value, dict):
         kind = value.get("type")
         if kind == "text":

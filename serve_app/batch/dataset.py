@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
-from serve_app.config import AppArgs, ImageLimits, ImageURLPolicy, ModelSpec, RequestLimits, StrictModel
+from serve_app.config import AppArgs, ImageLimits, ImageURLPolicy, JobStages, ModelSpec, RequestLimits
 
 if TYPE_CHECKING:
     import numpy as np
@@ -48,18 +48,9 @@ TASK_CPUS = 1.0
 MIN_PREPROCESS_CPUS = 0.25
 
 
-class EmbedSettings(StrictModel):
-    """How a dataset job runs: stage sizes and the same input limits as the online service."""
+class EmbedSettings(JobStages):
+    """How a dataset job runs: stage sizes (`JobStages`) and the same input limits as the online service."""
 
-    batch_size: int = Field(default=64, ge=1, le=4096, description="rows per encoder forward pass")
-    concurrency: int = Field(default=1, ge=1, description="encoder actors (one model each)")
-    num_gpus: float = Field(default=0, ge=0, description="GPUs per encoder actor (0: the encoder runs on CPUs)")
-    encoder_cpus: float = Field(default=1, gt=0, description="CPUs per encoder actor; on the CPU, its torch threads")
-    preprocess_concurrency: int | None = Field(
-        default=None, ge=1,
-        description="preprocessing actors, 1 CPU each (None: an autoscaling pool up to the CPUs the encoders leave)",
-    )
-    preprocess_batch_size: int = Field(default=16, ge=1, le=4096, description="rows per preprocessing call")
     image_limits: ImageLimits = Field(default_factory=ImageLimits)
     limits: RequestLimits = Field(
         default_factory=RequestLimits, description="max_text_chars and the image URL timeouts, as the online path",
@@ -125,6 +116,7 @@ class Preprocess:
         from serve_app.preprocess import ModelPreprocessing
 
         torch.set_num_threads(1)  # one core per actor: Ray Data runs as many actors as there are cores to spare
+        lower_priority(settings.niceness)
         Image.MAX_IMAGE_PIXELS = settings.image_limits.max_image_pixels  # Pillow's own guard agrees with ours
         self.kind = kind
         self.column = column
@@ -273,9 +265,10 @@ class Encode:
     """Encoder stage: one `EncoderCore` per actor (the online encoder's model and forward passes), fed the good rows
     of each batch; a failed row's embedding is null."""
 
-    def __init__(self, spec: ModelSpec, kind: Kind) -> None:
+    def __init__(self, spec: ModelSpec, kind: Kind, niceness: int = 0) -> None:
         from serve_app.encoder import EncoderCore
 
+        lower_priority(niceness)
         self.kind = kind
         self.core = EncoderCore(spec)
         logger.info("clip-embed encoder %s on %s/%s (%s kernels), loaded in %.1fs", spec.name, self.core.device,
@@ -299,14 +292,28 @@ class Encode:
             else:
                 self.core.check_tokens(rows)
                 vectors = self.core.encode_texts(rows)
-        width = vectors.shape[1] if len(vectors) else 0
-        offsets = np.zeros(len(ok) + 1, dtype=np.int32)
-        offsets[1:] = np.cumsum(ok * width)
-        embedding = pa.ListArray.from_arrays(pa.array(offsets), pa.array(vectors.reshape(-1), type=pa.float32()),
-                                             mask=pa.array(~ok))
-        out = batch.drop_columns([column]).append_column(EMBEDDING, embedding)
+        out = batch.drop_columns([column]).append_column(EMBEDDING, embedding_column(ok, vectors))
         # `id` and `embedding` first and `error` last, the metadata between
         return out.select([ID, EMBEDDING, *[c for c in out.column_names if c not in OUTPUT_COLUMNS], ERROR])
+
+
+def lower_priority(niceness: int) -> None:
+    """This process's OS niceness raised to `niceness` (never lowered): a bulk stage beside online replicas on
+    the same CPUs gets what they leave."""
+    if niceness > 0:
+        os.nice(max(0, niceness - os.nice(0)))
+
+
+def embedding_column(ok: "np.ndarray", vectors: "np.ndarray") -> "pa.Array":
+    """list<float32> with one row per `ok` entry: the next row of `vectors` where ok, null where not."""
+    import numpy as np
+    import pyarrow as pa
+
+    width = vectors.shape[1] if len(vectors) else 0
+    offsets = np.zeros(len(ok) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum(ok * width)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(vectors.reshape(-1), type=pa.float32()),
+                                    mask=pa.array(~ok))
 
 
 def _is_bytes(type_: "pa.DataType") -> bool:
@@ -320,8 +327,8 @@ def preprocess_pool(settings: EmbedSettings, free_cpus: float | None = None) -> 
     of 1-CPU actors up to the CPUs free when the job starts (a cluster may run a Serve app too) less the encoder
     actors' and TASK_CPUS; where that is under one CPU, one actor with what is left. Too few CPUs is an error at
     once: an actor pool that cannot start would leave the job waiting forever."""
-    if settings.preprocess_concurrency:
-        return settings.preprocess_concurrency, 1.0
+    if settings.preprocess_concurrency:  # an operator's choice (an autoscaling cluster: CPUs not known yet)
+        return settings.preprocess_concurrency, settings.preprocess_cpus
     if free_cpus is None:
         import ray
 
@@ -366,7 +373,8 @@ def embed_dataset(
         batch_format="pyarrow", batch_size=settings.preprocess_batch_size, num_cpus=cpus, compute=pool,
     )
     return preprocessed.map_batches(
-        Encode, fn_constructor_kwargs={"spec": encoder_spec(spec, settings), "kind": kind},
+        Encode, fn_constructor_kwargs={"spec": encoder_spec(spec, settings), "kind": kind,
+                                       "niceness": settings.niceness},
         batch_format="pyarrow", batch_size=settings.batch_size, compute=ActorPoolStrategy(size=settings.concurrency),
         num_gpus=settings.num_gpus, num_cpus=settings.encoder_cpus,
     )

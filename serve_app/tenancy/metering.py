@@ -114,6 +114,12 @@ CREDIT_GRANTS = sa.Table(
 )
 
 
+# Unfinished batches (serve_app/batch/records.py, which defines the table) hold what they may still cost: counted
+# as spent by every credit check until the batch ends and its real cost is written.
+ACTIVE_BATCH_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
+_BATCH_HOLDS = sa.table("batches", sa.column("owner"), sa.column("held_nano_usd"), sa.column("status"))
+
+
 # ---------------------------------------------------------------- rows
 
 
@@ -192,6 +198,29 @@ def _upgrade_to_head(connection: sa.Connection) -> None:
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
+
+
+def create_engine(url: str, timeout_s: float) -> AsyncEngine:
+    """An engine for the shared database (usage, credit and batch records): sqlite+aiosqlite or
+    postgresql+asyncpg."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError(f"database URLs are sqlite+aiosqlite:// or postgresql+asyncpg://, not {url.split(':')[0]}")
+    return _create_engine(parsed, timeout_s)
+
+
+async def migrate(engine: AsyncEngine) -> None:
+    """The database brought to the last revision of `migrations/`, one process at a time."""
+    async with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            # The upgrade reads the version table before it writes; a deferred transaction could not then
+            # take the write lock beside another process doing the same. Take it first.
+            conn = await conn.execution_options(**{_SQLITE_BEGIN: "BEGIN IMMEDIATE"})
+        async with conn.begin():
+            if engine.dialect.name == "postgresql":
+                # Replicas starting at once migrate one after another; the lock ends with the transaction.
+                await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            await conn.run_sync(_upgrade_to_head)
 
 
 _alembic_locks: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]" = weakref.WeakKeyDictionary()
@@ -449,16 +478,7 @@ class UsageStore:
         async with _alembic_lock():
             if self._migrated:
                 return
-            async with self._engine.connect() as conn:
-                if self._dialect == "sqlite":
-                    # The upgrade reads the version table before it writes; a deferred transaction could not then
-                    # take the write lock beside another process doing the same. Take it first.
-                    conn = await conn.execution_options(**{_SQLITE_BEGIN: "BEGIN IMMEDIATE"})
-                async with conn.begin():
-                    if self._dialect == "postgresql":
-                        # Replicas starting at once migrate one after another; the lock ends with the transaction.
-                        await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
-                    await conn.run_sync(_upgrade_to_head)
+            await migrate(self._engine)
             self._migrated = True
 
     # ------------------------------------------------------------ credit and usage, read from the database
@@ -514,6 +534,12 @@ class UsageStore:
                 spent = dict((await conn.execute(
                     sa.select(CREDIT_SPEND.c.key_id, CREDIT_SPEND.c.spent_nano_usd)
                 )).tuples().all())
+                held = (await conn.execute(
+                    sa.select(_BATCH_HOLDS.c.owner, sa.func.sum(_BATCH_HOLDS.c.held_nano_usd))
+                    .where(_BATCH_HOLDS.c.status.in_(ACTIVE_BATCH_STATUSES)).group_by(_BATCH_HOLDS.c.owner)
+                )).tuples().all()
+                for owner, amount in held:
+                    spent[owner] = int(spent.get(owner, 0)) + int(amount or 0)
             return {key: Balance(int(granted.get(key, 0)), int(spent.get(key, 0))) for key in granted.keys() | spent}
 
         balances = await self._database(work)

@@ -1,0 +1,486 @@
+"""One batch's work: validate its input file, run its lines on Ray Data, write the output and error files.
+
+1. `validate` streams the input file once (never whole in memory): each line is parsed and checked with the online
+   route's own code (`EmbeddingRequest`, `collect_inputs`, `check_request_budget`). Format errors (invalid JSON, a
+   missing field, a repeated `custom_id`, another endpoint or model) fail the batch, with their line numbers, as
+   OpenAI's validation does. A line whose body the online route would refuse is answered then and there, in the
+   error file, with the online route's error. Every other line becomes rows of a plan (one row per input) in
+   Parquet, beside the outputs in the store.
+2. `execute` streams the plan through Ray Data: `LinePreprocess` (CPU actors: the online preprocessing's
+   `ModelPreprocessing` and URL fetcher) and `LineEncode` (actors of the online encoder's `EncoderCore`), in the
+   plan's order, and reassembles each line's inputs into the body `/v1/embeddings` answers (`embedding_response`).
+   An input that fails (an image that does not decode) fails its line with the online route's error.
+
+The caller (serve_app/batch/runner.py) owns the batch's record: `Progress` is how this module reports to it and
+learns that it must stop (cancelled, expired, lease lost).
+"""
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from serve_app.config import ImageLimits, ImageURLPolicy, JobStages, ModelSpec, Price, RequestLimits
+from serve_app.errors import ServeAppError, error_payload, validation_failure
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+logger = logging.getLogger(__name__)
+
+MAX_CUSTOM_ID_CHARS = 512
+MAX_REPORTED_ERRORS = 100
+PLAN_ROWS_PER_GROUP = 1024
+# Columns of the plan: one row per input, lines in file order, a line's inputs in order.
+PLAN_SCHEMA_FIELDS = (
+    ("line", "int64"), ("custom_id", "string"), ("index", "int32"), ("count", "int32"),
+    ("encoding_format", "string"), ("kind", "string"), ("value", "large_string"), ("param", "string"),
+)
+_WORK = "__work"
+_TOKENS_USED = "__tokens_used"
+_FAILURE = "__failure"  # JSON [status, error body] of a failed input
+
+
+@dataclass
+class JobSpec:
+    """What a runner needs of the service's configuration to run a batch exactly as the online route answers."""
+
+    endpoint: str
+    models: list[ModelSpec]
+    image_limits: ImageLimits
+    limits: RequestLimits
+    url_policy: ImageURLPolicy
+    max_inputs_per_request: int
+    max_requests_per_file: int
+    max_inputs_per_batch: int
+    max_line_bytes: int
+    stages: JobStages
+    price: Price
+    prices: dict[str, Price] = field(default_factory=dict)
+    price_factor: float = 0.5
+    list_limits: tuple[int, int, int] = (2048, 4096, 128)
+
+
+@dataclass
+class Validated:
+    total: int = 0  # request lines
+    failed: int = 0  # lines answered with an error at validation
+    inputs: int = 0
+    images: int = 0
+    token_bound: int = 0
+    model: str | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)  # format errors: the batch fails
+
+
+@dataclass
+class Outcome:
+    completed: int = 0
+    failed: int = 0
+    input_tokens: int = 0
+    images: int = 0
+    stopped: str | None = None  # why the run stopped early: "cancelling", "expired", "lost"
+
+
+class Progress:
+    """How the job reports to its runner: `tick(completed, failed)` at most once per `interval_s`, answering the
+    reason to stop (or None)."""
+
+    def __init__(self, report: Callable[[int, int], str | None], interval_s: float = 1.0) -> None:
+        self._report = report
+        self._interval_s = interval_s
+        self._last = 0.0
+
+    def tick(self, completed: int, failed: int, force: bool = False) -> str | None:
+        now = time.monotonic()
+        if not force and now - self._last < self._interval_s:
+            return None
+        self._last = now
+        return self._report(completed, failed)
+
+
+def _error_line(custom_id: Any, status: int, body: dict[str, Any]) -> bytes:
+    line = {"id": "batch_req_" + uuid.uuid4().hex, "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": "req_" + uuid.uuid4().hex, "body": body},
+            "error": None}
+    return (json.dumps(line, separators=(",", ":"), ensure_ascii=True) + "\n").encode()
+
+
+def _ok_line(custom_id: str, body_json: str) -> bytes:
+    return ('{"id":"batch_req_%s","custom_id":%s,"response":{"status_code":200,"request_id":"req_%s","body":%s},'
+            '"error":null}\n' % (uuid.uuid4().hex, json.dumps(custom_id, ensure_ascii=True), uuid.uuid4().hex,
+                                 body_json)).encode()
+
+
+class _Served:
+    """What the online code asks of a served model here: its name and its config (`check_dimensions`)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        from serve_app.modeling import load_model_config
+
+        self.name = spec.name
+        self.spec = spec
+        self.config = load_model_config(spec.model, spec.pretrained)
+
+
+# ---------------------------------------------------------------- 1. validation
+
+
+def validate(lines: Iterator[bytes], spec: JobSpec, plan: Any, errors_out: Any) -> Validated:
+    """Reads every line once; writes the plan's rows (`plan`: a pyarrow ParquetWriter) and the lines refused with
+    the online route's error (`errors_out`, a binary stream). Format errors are collected, not raised."""
+    import pyarrow as pa
+
+    from serve_app.errors import ModelNotFound
+    from serve_app.inputs import ImageInput, TextInput, check_request_budget, collect_inputs
+    from serve_app.protocol import EmbeddingRequest, configure_list_limits
+    from serve_app.serving import check_dimensions
+    from serve_app.tenancy.gate import token_bound
+
+    configure_list_limits(*spec.list_limits)
+    served = {s.name: s for s in spec.models}
+    default = spec.models[0].name
+    configs: dict[str, _Served] = {}
+    result = Validated()
+    seen: set[str] = set()
+    rows: dict[str, list[Any]] = {name: [] for name, _ in PLAN_SCHEMA_FIELDS}
+    schema = plan_schema()
+
+    def flush() -> None:
+        if rows["line"]:
+            plan.write_table(pa.table({n: rows[n] for n, _ in PLAN_SCHEMA_FIELDS}, schema=schema))
+            for column in rows.values():
+                column.clear()
+
+    def error(line: int, code: str, message: str, param: str | None = None) -> None:
+        if len(result.errors) < MAX_REPORTED_ERRORS:
+            result.errors.append({"code": code, "message": message, "param": param, "line": line})
+
+    from serve_app.batch.store import LineTooLong
+
+    try:
+        for number, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            result.total += 1
+            if result.total > spec.max_requests_per_file:
+                error(number, "too_many_requests", f"the file has more than {spec.max_requests_per_file} requests; "
+                      "split it into several batches")
+                break
+            try:
+                request = json.loads(raw)
+            except (ValueError, RecursionError):
+                error(number, "invalid_json_line", "this line is not valid JSON")
+                continue
+            if not isinstance(request, dict):
+                error(number, "invalid_request", "each line must be a JSON object")
+                continue
+            custom_id = request.get("custom_id")
+            if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID_CHARS:
+                error(number, "invalid_custom_id",
+                      f"custom_id must be a non-empty string of at most {MAX_CUSTOM_ID_CHARS} characters",
+                      "custom_id")
+                continue
+            if custom_id in seen:
+                error(number, "duplicate_custom_id", f"custom_id {custom_id[:64]!r} appears more than once in the file",
+                      "custom_id")
+                continue
+            seen.add(custom_id)
+            if request.get("method") != "POST":
+                error(number, "invalid_method", "method must be POST", "method")
+                continue
+            if request.get("url") != spec.endpoint:
+                error(number, "invalid_url", f"url must be the batch's endpoint, {spec.endpoint}", "url")
+                continue
+            body = request.get("body")
+            if not isinstance(body, dict):
+                error(number, "invalid_request", "body must be a JSON object", "body")
+                continue
+            model_name = body.get("model") if isinstance(body.get("model"), str) else default
+            if result.model is None:
+                result.model = model_name
+            elif model_name != result.model:
+                error(number, "mismatched_model", "every request of a batch must use the same model", "body.model")
+                continue
+            # The online route's own checks, in its order; a refusal is this line's answer.
+            try:
+                parsed = EmbeddingRequest.model_validate(body)
+                name = parsed.model or default
+                if name not in served:
+                    raise ModelNotFound(f"The model `{name}` does not exist. Served models: {', '.join(served)}",
+                                        param="model")
+                model = configs.get(name) or configs.setdefault(name, _Served(served[name]))
+                check_dimensions(model, parsed.dimensions)
+                inputs = collect_inputs(parsed, spec.max_inputs_per_request, spec.url_policy)
+                check_request_budget(inputs, spec.limits)
+            except ValidationError as exc:
+                mapped = validation_failure(exc.errors(include_url=False))
+                errors_out.write(_error_line(custom_id, mapped.status_code, mapped.body))
+                result.failed += 1
+                continue
+            except ServeAppError as exc:
+                mapped = error_payload(exc)
+                errors_out.write(_error_line(custom_id, mapped.status_code, mapped.body))
+                result.failed += 1
+                continue
+            result.inputs += len(inputs)
+            if result.inputs > spec.max_inputs_per_batch:
+                error(number, "too_many_inputs", f"the batch has more than {spec.max_inputs_per_batch} embedding "
+                      "inputs; split it into several batches")
+                break
+            context = model.config.context_length
+            for index, item in enumerate(inputs):
+                is_text = isinstance(item, TextInput)
+                rows["line"].append(number)
+                rows["custom_id"].append(custom_id)
+                rows["index"].append(index)
+                rows["count"].append(len(inputs))
+                rows["encoding_format"].append(parsed.encoding_format)
+                rows["kind"].append("text" if is_text else "image")
+                rows["value"].append(item.text if is_text else item.data)
+                rows["param"].append(item.param)
+                if is_text:
+                    result.token_bound += token_bound(item.text, context)
+                elif isinstance(item, ImageInput):
+                    result.images += 1
+            if len(rows["line"]) >= PLAN_ROWS_PER_GROUP:
+                flush()
+    except LineTooLong as exc:
+        error(exc.line, "line_too_long", str(exc))
+    flush()
+    if result.total == 0 and not result.errors:
+        error(1, "empty_file", "the input file has no requests")
+    return result
+
+
+def plan_schema() -> "pa.Schema":
+    import pyarrow as pa
+
+    return pa.schema([(name, getattr(pa, kind)()) for name, kind in PLAN_SCHEMA_FIELDS])
+
+
+def cost_bound(spec: JobSpec, validated: Validated) -> int:
+    """What the batch may cost at most, nano-USD: every text at its token bound, every image."""
+    from serve_app.tenancy.gate import price_of
+
+    price = spec.prices.get(validated.model or "", spec.price)
+    return int(price_of(price, validated.token_bound, validated.images) * spec.price_factor)
+
+
+def cost(spec: JobSpec, model: str | None, tokens: int, images: int) -> int:
+    from serve_app.tenancy.gate import price_of
+
+    return int(price_of(spec.prices.get(model or "", spec.price), tokens, images) * spec.price_factor)
+
+
+# ---------------------------------------------------------------- 2. the Ray Data stages
+
+
+class LinePreprocess:
+    """CPU stage: each input row's image fetched (under the URL policy), decoded and transformed, or its text
+    tokenized, by the online preprocessing's `ModelPreprocessing`; work as bytes (uint8 pixels or int64 tokens).
+    A failed input carries the online route's error instead."""
+
+    def __init__(self, spec: ModelSpec, image_limits: ImageLimits, limits: RequestLimits,
+                 url_policy: ImageURLPolicy, niceness: int = 0) -> None:
+        import torch
+        from PIL import Image
+
+        from serve_app.batch.dataset import lower_priority
+        from serve_app.fetch import ImageFetcher
+        from serve_app.preprocess import ModelPreprocessing
+
+        torch.set_num_threads(1)
+        lower_priority(niceness)
+        Image.MAX_IMAGE_PIXELS = image_limits.max_image_pixels
+        self.preprocessing = ModelPreprocessing(spec, image_limits)
+        self.limits = limits
+        self.image_limits = image_limits
+        self.fetcher = ImageFetcher(url_policy, limits, image_limits.max_image_bytes) if url_policy != "off" else None
+
+    def __call__(self, batch: "pa.Table") -> "pa.Table":
+        import asyncio
+
+        import numpy as np
+        import pyarrow as pa
+
+        from serve_app.inputs import is_url
+
+        kinds = batch.column("kind").to_pylist()
+        values = batch.column("value").to_pylist()
+        params = batch.column("param").to_pylist()
+        work: list[bytes | None] = [None] * len(kinds)
+        used = [0] * len(kinds)
+        failures: list[str | None] = [None] * len(kinds)
+        texts = [i for i, k in enumerate(kinds) if k == "text"]
+        if texts:
+            tokens = self.preprocessing.texts([values[i] for i in texts])
+            for row, i in enumerate(texts):
+                work[i] = tokens.tokens[row].numpy().astype(np.int64).tobytes()
+                used[i] = tokens.token_counts[row]
+        urls = [i for i, k in enumerate(kinds) if k == "image" and is_url(values[i])]
+        fetched = asyncio.run(self._fetch([values[i] for i in urls], [params[i] for i in urls])) if urls else []
+        items: dict[int, Any] = dict(zip(urls, fetched))
+        for i, kind in enumerate(kinds):
+            if kind != "image":
+                continue
+            try:
+                item = items.get(i, values[i])
+                if isinstance(item, BaseException):
+                    raise item
+                work[i] = np.ascontiguousarray(self.preprocessing.pixels(item, params[i])).tobytes()
+            except Exception as exc:  # this input's line fails with the online route's answer
+                mapped = error_payload(exc)
+                failures[i] = json.dumps([mapped.status_code, mapped.body], ensure_ascii=True)
+        return (batch.drop_columns(["value"])
+                .append_column(_WORK, pa.array(work, type=pa.large_binary()))
+                .append_column(_TOKENS_USED, pa.array(used, type=pa.int32()))
+                .append_column(_FAILURE, pa.array(failures, type=pa.string())))
+
+    async def _fetch(self, urls: list[str], params: list[str]) -> list[Any]:
+        from serve_app.fetch import Budget
+
+        slots = asyncio_semaphore(self.limits.url_fetches_per_request)
+
+        async def fetch(url: str, param: str) -> Any:
+            async with slots:
+                raw = await self.fetcher.fetch(url, param, Budget(self.image_limits.max_image_bytes, param))
+                if not raw:
+                    from serve_app.errors import InvalidRequest
+
+                    raise InvalidRequest("image URL returned an empty body", param=param)
+                return raw
+
+        import asyncio
+
+        return await asyncio.gather(*(fetch(u, p) for u, p in zip(urls, params)), return_exceptions=True)
+
+
+def asyncio_semaphore(count: int) -> Any:
+    import asyncio
+
+    return asyncio.Semaphore(count)
+
+
+class LineEncode:
+    """Encoder stage: one `EncoderCore` (the online encoder's model and forward passes) per actor; the rows that
+    did not fail get their unit vector."""
+
+    def __init__(self, spec: ModelSpec, niceness: int = 0) -> None:
+        from serve_app.batch.dataset import lower_priority
+        from serve_app.encoder import EncoderCore
+
+        lower_priority(niceness)
+        self.core = EncoderCore(spec)
+
+    def __call__(self, batch: "pa.Table") -> "pa.Table":
+        import numpy as np
+        import torch
+
+        from serve_app.batch.dataset import embedding_column
+
+        kinds = np.asarray(batch.column("kind").to_pylist())
+        ok = np.asarray(batch.column(_FAILURE).is_null(), dtype=bool)
+        work = batch.column(_WORK).to_pylist()
+        vectors: np.ndarray | None = None
+        for kind in ("image", "text"):
+            rows = np.flatnonzero(ok & (kinds == kind))
+            if not len(rows):
+                continue
+            if kind == "image":
+                shape = (3, *self.core.image_size)
+                data = torch.from_numpy(np.stack([np.frombuffer(work[i], dtype=np.uint8).reshape(shape)
+                                                  for i in rows]))
+                self.core.check_pixels(data)
+                out = self.core.encode_images(data)
+            else:
+                data = torch.from_numpy(np.stack([np.frombuffer(work[i], dtype=np.int64) for i in rows]))
+                self.core.check_tokens(data)
+                out = self.core.encode_texts(data)
+            if vectors is None:
+                vectors = np.zeros((len(kinds), out.shape[1]), dtype=np.float32)
+            vectors[rows] = out
+        kept = vectors[ok] if vectors is not None else np.zeros((0, 0), dtype=np.float32)
+        return batch.drop_columns([_WORK]).append_column("embedding", embedding_column(ok, kept))
+
+
+# ---------------------------------------------------------------- 3. running the plan
+
+
+def execute(plan_path: str, filesystem: Any, spec: JobSpec, model_name: str, output: Any, errors_out: Any,
+            progress: Progress, outcome: Outcome) -> Outcome:
+    """Streams the plan through the two stages and writes each line's answer as it completes, in the plan's
+    order; `outcome` counts as it goes (what was done before a stop is kept and billed)."""
+    import numpy as np
+    import ray.data
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from serve_app.batch.dataset import encoder_spec, preprocess_pool
+    from serve_app.serving import Embedded, embedding_response
+
+    model = next(s for s in spec.models if s.name == model_name)
+    context = DataContext.get_current()
+    context.execution_options.preserve_order = True  # a line's inputs arrive together, lines in file order
+    context.enable_progress_bars = False
+    stages = spec.stages
+    actors, cpus = preprocess_pool(stages)
+    pool = ActorPoolStrategy(size=actors) if isinstance(actors, int) else \
+        ActorPoolStrategy(min_size=actors[0], max_size=actors[1])
+    ds = ray.data.read_parquet(plan_path, filesystem=filesystem, ray_remote_args={"num_cpus": 0.25})
+    ds = ds.map_batches(
+        LinePreprocess, fn_constructor_kwargs={"spec": model, "image_limits": spec.image_limits,
+                                               "limits": spec.limits, "url_policy": spec.url_policy,
+                                               "niceness": stages.niceness},
+        batch_format="pyarrow", batch_size=stages.preprocess_batch_size, num_cpus=cpus, compute=pool,
+    )
+    ds = ds.map_batches(
+        LineEncode, fn_constructor_kwargs={"spec": encoder_spec(model, stages), "niceness": stages.niceness},
+        batch_format="pyarrow", batch_size=stages.batch_size, compute=ActorPoolStrategy(size=stages.concurrency),
+        num_gpus=stages.num_gpus, num_cpus=stages.encoder_cpus,
+    )
+    served = _Named(model_name)
+    pending: list[dict[str, Any]] = []  # the current line's inputs so far
+    batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    try:
+        for batch in batches:
+            columns = {name: batch.column(name).to_pylist() for name in
+                       ("line", "custom_id", "index", "count", "encoding_format", "kind", _TOKENS_USED, _FAILURE)}
+            embedding = batch.column("embedding")
+            for r in range(batch.num_rows):
+                pending.append({name: values[r] for name, values in columns.items()} | {"row": embedding[r]})
+                if len(pending) < pending[0]["count"]:
+                    continue
+                line, pending = pending, []
+                failure = next((x[_FAILURE] for x in line if x[_FAILURE] is not None), None)
+                if failure is not None:
+                    status, body = json.loads(failure)
+                    errors_out.write(_error_line(line[0]["custom_id"], status, body))
+                    outcome.failed += 1
+                    continue
+                vectors = np.stack([np.asarray(x["row"].values.to_numpy(zero_copy_only=False), dtype=np.float32)
+                                    for x in line])
+                tokens = sum(x[_TOKENS_USED] for x in line)
+                embedded = Embedded(vectors=vectors, prompt_tokens=tokens)
+                body = embedding_response(served, embedded, line[0]["encoding_format"]).model_dump_json()
+                output.write(_ok_line(line[0]["custom_id"], body))
+                outcome.completed += 1
+                outcome.input_tokens += tokens
+                outcome.images += sum(x["kind"] == "image" for x in line)
+            stop = progress.tick(outcome.completed, outcome.failed)
+            if stop:
+                outcome.stopped = stop
+                break
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()  # stops the streaming executor and its actors
+    return outcome
+
+
+@dataclass(frozen=True)
+class _Named:
+    name: str

@@ -1,0 +1,290 @@
+"""BatchRunner deployment: claims batches from the database and runs each as a Ray Data job (serve_app/batch/job.py).
+
+Its state is the batch's record, not its memory: a runner holds a lease on the batch it runs and renews it while the
+job streams; if the runner dies, its lease lapses and the next runner to look (the restarted replica, or another)
+runs the batch again from the start, at most `max_attempts` times, then marks it `failed`. Ingress replicas never
+run jobs: restarting them touches no batch. Also here: batches past their completion window end `expired` (their
+results so far kept), and files past their retention are deleted.
+"""
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+from ray import serve
+
+from serve_app.batch.job import JobSpec, Outcome, Progress, cost, cost_bound, execute, plan_schema, validate
+from serve_app.batch.records import BatchRecords, dumps, now_s
+from serve_app.batch.store import FileStore
+from serve_app.config import BatchAPISettings, ImageLimits, ImageURLPolicy, ModelSpec, RequestLimits, TenancySettings
+from serve_app.tenancy.gate import ENV_DATABASE_URL, ENV_KEYS_FILE, default_database_url
+from serve_app.tenancy.metering import UsageRecord
+
+logger = logging.getLogger("ray.serve")
+
+SWEEP_INTERVAL_S = 60.0
+DB_CALL_TIMEOUT_S = 60.0
+
+
+def database_url(tenancy: TenancySettings) -> str:
+    """The batch records share the usage and credit records' database."""
+    return tenancy.database_url or os.environ.get(ENV_DATABASE_URL) or default_database_url()
+
+
+def job_spec(settings: BatchAPISettings, models: list[ModelSpec], image_limits: ImageLimits,
+             limits: RequestLimits, url_policy: ImageURLPolicy, max_inputs: int, tenancy: TenancySettings,
+             list_limits: tuple[int, int, int]) -> JobSpec:
+    return JobSpec(
+        endpoint="/v1/embeddings", models=models, image_limits=image_limits, limits=limits, url_policy=url_policy,
+        max_inputs_per_request=max_inputs, max_requests_per_file=settings.max_requests_per_file,
+        max_inputs_per_batch=settings.max_inputs_per_batch, max_line_bytes=limits.max_body_bytes,
+        stages=settings.job, price=tenancy.price, prices=tenancy.prices, price_factor=settings.price_factor,
+        list_limits=list_limits,
+    )
+
+
+class _Stop(Exception):
+    pass
+
+
+class BatchWork:
+    """Runs claimed batches, one at a time, against the records and the store (usable without Serve: tests)."""
+
+    def __init__(self, settings: BatchAPISettings, spec: JobSpec, records: BatchRecords, store: FileStore,
+                 keys_file: str | None) -> None:
+        self.settings = settings
+        self.spec = spec
+        self.records = records
+        self.store = store
+        self.id = f"runner-{uuid.uuid4().hex[:12]}"
+        self._keys = None
+        if keys_file:
+            from serve_app.tenancy.keys import KeysFile
+
+            self._keys = KeysFile(keys_file)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_sweep = 0.0
+
+    # ------------------------------------------------------------ the loop
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                if not await self.step():
+                    await asyncio.sleep(self.settings.poll_interval_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("batch runner step failed")
+                await asyncio.sleep(self.settings.poll_interval_s)
+
+    async def step(self) -> bool:
+        """One look for work; True when a batch was run."""
+        if time.monotonic() - self._last_sweep > SWEEP_INTERVAL_S:
+            self._last_sweep = time.monotonic()
+            await self.sweep()
+        row = await self.records.claim(self.id, self.settings.lease_s)
+        if row is None:
+            return False
+        await self.run(row)
+        return True
+
+    async def sweep(self) -> None:
+        """Files past their retention deleted, objects first (a row without its object would answer 500s)."""
+        for row in await self.records.expired_files(now_s()):
+            await asyncio.to_thread(self.store.delete, row["object_name"])
+            await self.records.delete_file(None, row["id"])
+            logger.info("file %s deleted (retention)", row["id"])
+
+    # ------------------------------------------------------------ one batch
+
+    async def run(self, row: dict[str, Any]) -> None:
+        batch_id = row["id"]
+        if row["attempts"] > self.settings.max_attempts:
+            await self._fail(row, "job_failed", f"the batch's job stopped {self.settings.max_attempts} times")
+            return
+        if row["status"] == "cancelling":  # its runner died while stopping it: nothing of that run is kept
+            await self.records.finish(batch_id, self.id, {"status": "cancelled", "cancelled_at": now_s()})
+            return
+        if now_s() >= row["expires_at"]:
+            await self.records.finish(batch_id, self.id, {"status": "expired", "expired_at": now_s()})
+            return
+        self._loop = asyncio.get_running_loop()
+        state = {"stop": None, "outcome": Outcome(), "done": False}
+        beat = asyncio.create_task(self._heartbeat(batch_id, row["expires_at"], state))
+        try:
+            await asyncio.to_thread(self._work, row, state)
+        except _Stop:
+            pass
+        except Exception as exc:
+            logger.exception("batch %s: the job failed", batch_id)
+            if row["attempts"] >= self.settings.max_attempts:
+                await self._fail(row, "job_failed", f"the batch's job failed: {type(exc).__name__}: {exc}"[:500])
+            else:  # its lease is let go: the next look runs it again
+                await self.records.renew(batch_id, self.id, -self.settings.lease_s)
+        finally:
+            state["done"] = True
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+
+    async def _heartbeat(self, batch_id: str, expires_at: int, state: dict[str, Any]) -> None:
+        """Renews the lease and writes the counts; learns that the batch must stop (cancel, expiry, lease lost)."""
+        interval = min(self.settings.poll_interval_s, self.settings.lease_s / 3)
+        while not state["done"]:
+            await asyncio.sleep(interval)
+            outcome = state["outcome"]
+            values = {"completed": outcome.completed, "failed": outcome.failed} if state.get("counting") else {}
+            try:
+                row = await self.records.renew(batch_id, self.id, self.settings.lease_s, **values)
+            except Exception as exc:  # a database blip: the lease has some time left
+                logger.warning("batch %s: lease not renewed: %s", batch_id, exc)
+                continue
+            if row is None:
+                state["stop"] = "lost"
+            elif row["status"] == "cancelling":
+                state["stop"] = "cancelling"
+            elif now_s() >= expires_at:
+                state["stop"] = "expired"
+
+    def _call(self, coroutine: Any) -> Any:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(DB_CALL_TIMEOUT_S)
+
+    def _work(self, row: dict[str, Any], state: dict[str, Any]) -> None:
+        """The job, in a thread: validation, the credit check, the run, the end."""
+        import pyarrow.parquet as pq
+
+        batch_id, base = row["id"], f"batches/{row['id']}"
+        source = self._call(self.records.file(row["owner"], row["input_file_id"]))
+        if source is None:
+            self._call(self._fail(row, "file_not_found", "the input file was deleted before the batch ran"))
+            return
+        plan_name, output_name, errors_name = f"{base}/plan.parquet", f"{base}/output.jsonl", f"{base}/errors.jsonl"
+        outcome: Outcome = state["outcome"]
+        try:
+            with self.store.open_output(errors_name) as errors_out:
+                with self.store.open_output(plan_name) as plan_stream:
+                    writer = pq.ParquetWriter(plan_stream, plan_schema())
+                    validated = validate(self.store.lines(source["object_name"], self.spec.max_line_bytes),
+                                         self.spec, writer, errors_out)
+                    writer.close()
+                if validated.errors:
+                    self._call(self.records.finish(batch_id, self.id, {
+                        "status": "failed", "failed_at": now_s(), "errors": dumps(validated.errors),
+                        "total": validated.total}))
+                    return
+                bound = cost_bound(self.spec, validated)
+                short = self._call(self._credit_short(row["owner"], bound))
+                if short:
+                    self._call(self.records.finish(batch_id, self.id, {
+                        "status": "failed", "failed_at": now_s(), "total": validated.total,
+                        "errors": dumps([{"code": "insufficient_quota", "message": short, "param": None,
+                                          "line": None}])}))
+                    return
+                outcome.failed = validated.failed
+                started = self._call(self.records.renew(
+                    batch_id, self.id, self.settings.lease_s, status="in_progress", in_progress_at=now_s(),
+                    total=validated.total, failed=validated.failed, model=validated.model, held_nano_usd=bound))
+                state["counting"] = True
+                if started is None:
+                    raise _Stop()
+                with self.store.open_output(output_name) as output:
+                    if validated.inputs and started["status"] == "in_progress":
+                        progress = Progress(lambda completed, failed: state["stop"], interval_s=0.0)
+                        execute(self.store.path(plan_name), self.store.filesystem, self.spec, validated.model,
+                                output, errors_out, progress, outcome)
+                    elif started["status"] != "in_progress":
+                        outcome.stopped = started["status"]
+        finally:
+            self.store.delete(plan_name)
+        self._end(row, validated.model, outcome, state["stop"] or outcome.stopped, output_name, errors_name)
+
+    def _end(self, row: dict[str, Any], model: str | None, outcome: Outcome, stop: str | None, output_name: str,
+             errors_name: str) -> None:
+        batch_id = row["id"]
+        if stop == "lost":  # another runner has the batch now: nothing of this run is written
+            raise _Stop()
+        now = now_s()
+        if stop is None:
+            self._call(self.records.renew(batch_id, self.id, self.settings.lease_s, status="finalizing",
+                                          finalizing_at=now, completed=outcome.completed, failed=outcome.failed))
+        final = {"cancelling": ("cancelled", "cancelled_at"), "expired": ("expired", "expired_at")}.get(
+            stop or "", ("completed", "completed_at"))
+        expires = now + int(self.settings.retention_days * 86400)
+        files = []
+        values: dict[str, Any] = {"status": final[0], final[1]: now_s(), "completed": outcome.completed,
+                                  "failed": outcome.failed, "input_tokens": outcome.input_tokens,
+                                  "images": outcome.images}
+        for name, count, column, filename in ((output_name, outcome.completed, "output_file_id", "output"),
+                                              (errors_name, outcome.failed, "error_file_id", "errors")):
+            if not count:
+                self.store.delete(name)
+                continue
+            file_id = "file-" + uuid.uuid4().hex
+            files.append({"id": file_id, "owner": row["owner"], "purpose": "batch_output",
+                          "filename": f"{batch_id}_{filename}.jsonl", "bytes": self.store.size(name), "lines": count,
+                          "created_at": now, "expires_at": expires, "object_name": name})
+            values[column] = file_id
+        usage = None
+        if row["owner"] and (outcome.input_tokens or outcome.images):
+            usage = UsageRecord(request_id=batch_id, key_id=row["owner"], model=model or "", route="/v1/batches",
+                                input_tokens=outcome.input_tokens, images=outcome.images, status=200,
+                                cost_nano_usd=cost(self.spec, model, outcome.input_tokens, outcome.images),
+                                created_at=time.time())
+        if not self._call(self.records.finish(batch_id, self.id, values, usage, files)):
+            raise _Stop()  # the lease was lost meanwhile: the next run writes the batch's end
+        logger.info("batch %s %s: %d completed, %d failed", batch_id, final[0], outcome.completed, outcome.failed)
+
+    async def _credit_short(self, owner: str, bound: int) -> str | None:
+        """Why the key's credit cannot hold the batch's bound, or None. Credit is the keys file's grant plus the
+        admin top-ups, less what is spent and what its other unfinished batches hold."""
+        if not owner or self._keys is None:
+            return None
+        self._keys.reload_if_changed()
+        key = self._keys.ring.keys.get(owner)
+        if key is None or key.credit_nano_usd is None:
+            return None
+        left = key.credit_nano_usd + await self.records.credit_left(owner)
+        if bound <= left:
+            return None
+        return (f"this batch may cost up to {bound / 1e9:.6f} USD and the key has {max(left, 0) / 1e9:.6f} USD of "
+                "credit left; add credit or send a smaller batch")
+
+    async def _fail(self, row: dict[str, Any], code: str, message: str) -> None:
+        await self.records.finish(row["id"], None, {
+            "status": "failed", "failed_at": now_s(),
+            "errors": dumps([{"code": code, "message": message, "param": None, "line": None}])})
+
+
+# Ray options come from `batch.runner` (serve_app/config.py), applied by build_app.
+@serve.deployment
+class BatchRunner:
+    """The Serve deployment around `BatchWork`: one loop per replica, started with the replica."""
+
+    def __init__(self, settings: BatchAPISettings, models: list[ModelSpec], image_limits: ImageLimits,
+                 limits: RequestLimits, url_policy: ImageURLPolicy, max_inputs: int, tenancy: TenancySettings,
+                 list_limits: tuple[int, int, int]) -> None:
+        spec = job_spec(settings, models, image_limits, limits, url_policy, max_inputs, tenancy, list_limits)
+        self.work = BatchWork(settings, spec, BatchRecords(database_url(tenancy)), FileStore(settings.storage),
+                              tenancy.keys_file or os.environ.get(ENV_KEYS_FILE))
+        self._task: asyncio.Task | None = None
+        self._ensure_started()
+
+    def _ensure_started(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # the first health check starts it
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self.work.run_forever())
+
+    async def check_health(self) -> None:
+        self._ensure_started()
+
+    async def info(self) -> dict[str, Any]:
+        return {"runner": self.work.id, "pid": os.getpid(), "thread": threading.get_ident()}
+

@@ -431,6 +431,7 @@ class BatchAPISettings(StrictModel):
     )
     max_attempts: int = Field(default=3, ge=1, description="runs of a batch before it is marked failed")
     poll_interval_s: float = Field(default=1.0, gt=0, le=10, description="how often runners look for work")
+    sweep_interval_s: float = Field(default=60, gt=0, description="how often a runner deletes expired files")
     runner: PoolSettings = Field(
         default_factory=lambda: PoolSettings(num_replicas=1, num_cpus=0.25, max_ongoing_requests=4),
         description="the BatchRunner deployment (it drives jobs; their stages are Ray Data's actors)",

@@ -26,7 +26,6 @@ from serve_app.tenancy.metering import UsageRecord
 
 logger = logging.getLogger("ray.serve")
 
-SWEEP_INTERVAL_S = 60.0
 DB_CALL_TIMEOUT_S = 60.0
 
 
@@ -67,7 +66,7 @@ class BatchWork:
 
             self._keys = KeysFile(keys_file)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._last_sweep = 0.0
+        self._last_sweep = -float("inf")
 
     # ------------------------------------------------------------ the loop
 
@@ -84,7 +83,7 @@ class BatchWork:
 
     async def step(self) -> bool:
         """One look for work; True when a batch was run."""
-        if time.monotonic() - self._last_sweep > SWEEP_INTERVAL_S:
+        if time.monotonic() - self._last_sweep > self.settings.sweep_interval_s:
             self._last_sweep = time.monotonic()
             await self.sweep()
         row = await self.records.claim(self.id, self.settings.lease_s)

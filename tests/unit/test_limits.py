@@ -242,7 +242,7 @@ def test_list_lengths_are_checked_before_any_item_is_validated(body, param, monk
 def test_a_long_list_of_bad_items_stops_at_its_first_bad_slice_and_names_the_item():
     from pydantic import ValidationError
 
-    from serve_app.ingress import _param_from_loc
+    from serve_app.errors import param_from_loc as _param_from_loc
 
     items = ["ok"] * 100 + [{}] * 1900
     with pytest.raises(ValidationError) as info:

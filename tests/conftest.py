@@ -1,8 +1,8 @@
 """Shared fixtures: tiny random open_clip models the tests write themselves, a live Ray Serve app, and real Redis
-and PostgreSQL servers (tests/services.py).
+and PostgreSQL servers and an S3-compatible object store (tests/services.py).
 
 No test downloads weights. The Serve app runs on a local Ray instance on a free loopback port and is
-shut down at the end of the session; so are the Redis and PostgreSQL servers, started only for tests that ask.
+shut down at the end of the session; so are the Redis, PostgreSQL and S3 servers, started only for tests that ask.
 """
 
 import base64
@@ -19,7 +19,7 @@ from PIL import Image
 from serve_app.processes import signal_session
 from serve_app.dev_model import write_tiny_model
 from serve_app.ray_env import free_port, use_one_machine_env
-from tests.services import PostgresServer, RedisServer
+from tests.services import MotoServer, PostgresServer, RedisServer
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -167,6 +167,28 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
     `.stop()`, `.start()`, `.restart()` (same port, same data). Tables are shared with the session's other tests."""
     with PostgresServer(tmp_path_factory.mktemp("postgres")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """A real S3-compatible server of this session (moto's server mode, in memory): `.endpoint` (host:port),
+    `.url`, `.pid`, `.stop()`, `.start()`, `.create_bucket()`, `.store_uri(bucket, prefix)`, `.client()`.
+
+    Its dummy AWS credentials and region are set in os.environ for the session (and put back after it), so
+    that pyarrow's S3 filesystem, boto3 and Ray workers started later find them."""
+    names = (*MotoServer.DUMMY_CREDENTIALS, "AWS_EC2_METADATA_DISABLED")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(MotoServer.DUMMY_CREDENTIALS)
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"  # no instance-metadata lookups for credentials or region
+    try:
+        with MotoServer(tmp_path_factory.mktemp("moto")) as server:
+            yield server
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # ------------------------------------------------------------------ image helpers

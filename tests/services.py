@@ -1,5 +1,6 @@
 """Real Redis and PostgreSQL servers for the tests: started from Debian's binaries on free loopback ports in a
-temporary directory, owned by the test session, and stopped by their pid.
+temporary directory, owned by the test session, and stopped by their pid. Also an S3-compatible object store
+(moto's server mode, from the `test` extra) for the batch files' object storage.
 
 Real servers, not fakes: the tenancy code's Lua scripts, timeouts, reconnects and SQL dialect are what the tests
 must exercise, and a server stopped under load is the fault that matters. `make services` (or CI's `.ci/run`)
@@ -16,6 +17,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -289,6 +291,94 @@ class PostgresServer(_Server):
                 await connection.execute("CREATE DATABASE clip OWNER clip")
         finally:
             await connection.close()
+
+
+class MotoServer(_Server):
+    """moto's S3-compatible server (`python -m moto.server`, its server mode) on 127.0.0.1, in memory: what
+    pyarrow's S3 filesystem and boto3 talk to as they would to S3 or MinIO. Any credentials are accepted
+    (`DUMMY_CREDENTIALS`); a restart comes back empty on the same port.
+
+    `endpoint` is `host:port` (pyarrow's `endpoint_override`), `url` the endpoint as an http URL (boto3's
+    `endpoint_url`); `store_uri(bucket, prefix)` a FileStore URI of a bucket made with `create_bucket`."""
+
+    name = "moto"
+    region = "us-east-1"
+    DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                         "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def __init__(self, directory: Path) -> None:
+        try:
+            import moto.server  # noqa: F401
+        except ImportError as exc:
+            raise MissingServerError(f"moto's server mode is not installed ({exc}): install the `test` extra "
+                                     "(`pip install -e .[test]`, which holds moto[server])") from None
+        super().__init__(directory)
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.endpoint}"
+
+    def store_uri(self, bucket: str, prefix: str = "") -> str:
+        """A pyarrow filesystem URI (serve_app.batch.store.FileStore) of `bucket`/`prefix` on this server."""
+        path = f"{bucket}/{prefix.strip('/')}".rstrip("/")
+        return f"s3://{path}?endpoint_override={self.endpoint}&scheme=http&region={self.region}"
+
+    def client(self):
+        """A boto3 S3 client of this server, with dummy credentials."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, region_name=self.region,
+                            aws_access_key_id=self.DUMMY_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=self.DUMMY_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+
+    def create_bucket(self, name: str | None = None) -> str:
+        """Creates a bucket (a fresh name by default) and returns its name."""
+        name = name or f"bucket-{secrets.token_hex(6)}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def _popen_args(self) -> dict:
+        # Its own credentials and no proxy: what the server sees of the environment must not matter.
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        return {"env": {**env, **self.DUMMY_CREDENTIALS}}
+
+    def _answers(self) -> bool:
+        import urllib.request
+
+        if self._process is None or not _listens(self._process.pid, self.port):
+            return False  # still starting, or someone else's server holds the port
+        with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=2) as answer:
+            return answer.status == 200
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a listening TCP socket on `port` (Linux: its fds against /proc/net/tcp*)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    for table in ("tcp", "tcp6"):
+        try:
+            rows = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port and inode in inodes:
+                return True
+    return False
 
 
 def _run(coroutine):

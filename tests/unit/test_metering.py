@@ -268,6 +268,9 @@ def test_close_waits_a_bounded_time_for_a_database_that_is_down(
 
 
 def test_the_migrations_build_the_tables_the_code_uses_and_run_once(tmp_path: Path) -> None:
+    import serve_app.batch.records  # noqa: F401  (registers the batch tables on METADATA)
+
+    assert {"usage_records", "credit_spend", "credit_grants", "batch_files", "batches"} <= set(METADATA.tables)
     url = url_of(tmp_path / "usage.db")
 
     async def main() -> list:
@@ -281,7 +284,7 @@ def test_the_migrations_build_the_tables_the_code_uses_and_run_once(tmp_path: Pa
                 MigrationContext.configure(c, opts={"version_table": "usage_alembic_version"}), METADATA))
             versions = (await conn.execute(sa.text("SELECT version_num FROM usage_alembic_version"))).all()
         await engine.dispose()
-        assert versions == [("0001",)]
+        assert versions == [("0002",)]
         return diff
 
     assert asyncio.run(main()) == []

@@ -165,6 +165,12 @@ def configure_guard(tenancy: Tenancy | None, max_body_bytes: int, body_read_time
         GUARD.max_requests_in_flight = max_requests_in_flight
 
 
+def configure_file_transfers(max_body_bytes: int, timeout_s: float) -> None:
+    """The Files API's bounds in this process's GUARD (module-level, as configure_guard, for the same reason)."""
+    GUARD.file_body_bytes = max_body_bytes
+    GUARD.transfer_timeout_s = timeout_s
+
+
 def _refuse(scope: Any, receive: Any, send: Any, status: int, message: str, error_type: str = "invalid_request_error",
             headers: dict[str, str] | None = None) -> Any:
     return _json(error_body(status, message, error_type).body, status, headers)(scope, receive, send)
@@ -437,8 +443,7 @@ class OpenAIIngress:
             from serve_app.batch.service import BatchAPI
 
             self._batch_api = BatchAPI(batch, database_url(tenancy or TenancySettings()))
-            GUARD.file_body_bytes = batch.max_file_bytes + MULTIPART_OVERHEAD_BYTES
-            GUARD.transfer_timeout_s = batch.transfer_timeout_s
+            configure_file_transfers(batch.max_file_bytes + MULTIPART_OVERHEAD_BYTES, batch.transfer_timeout_s)
         logger.info("API keys: %d configured", len(self._tenancy.ring))  # the count, never a key
         _warn_if_open(len(self._tenancy.ring) > 0)
         self._in_process: list[Any] = []

@@ -419,7 +419,7 @@ def execute(plan_path: str, filesystem: Any, spec: JobSpec, model_name: str, out
     import ray.data
     from ray.data import ActorPoolStrategy, DataContext
 
-    from serve_app.batch.dataset import encoder_spec, preprocess_pool
+    from serve_app.batch.dataset import IO_CPUS, encoder_spec, preprocess_pool
     from serve_app.serving import Embedded, embedding_response
 
     model = next(s for s in spec.models if s.name == model_name)
@@ -430,7 +430,7 @@ def execute(plan_path: str, filesystem: Any, spec: JobSpec, model_name: str, out
     actors, cpus = preprocess_pool(stages)
     pool = ActorPoolStrategy(size=actors) if isinstance(actors, int) else \
         ActorPoolStrategy(min_size=actors[0], max_size=actors[1])
-    ds = ray.data.read_parquet(plan_path, filesystem=filesystem, ray_remote_args={"num_cpus": 0.25})
+    ds = ray.data.read_datasource(PlanSource(plan_path, filesystem), ray_remote_args={"num_cpus": IO_CPUS})
     ds = ds.map_batches(
         LinePreprocess, fn_constructor_kwargs={"spec": model, "image_limits": spec.image_limits,
                                                "limits": spec.limits, "url_policy": spec.url_policy,
@@ -479,6 +479,60 @@ def execute(plan_path: str, filesystem: Any, spec: JobSpec, model_name: str, out
         if close is not None:
             close()  # stops the streaming executor and its actors
     return outcome
+
+
+def _plan_source_base() -> type:
+    from ray.data import Datasource
+
+    return Datasource
+
+
+class PlanSource(_plan_source_base()):  # type: ignore[misc]
+    """The plan's row groups, in order, a few per read task. (`read_parquet` would first list the file in a task
+    of a whole CPU, which a cluster busy serving may not have free.)"""
+
+    def __init__(self, path: str, filesystem: Any) -> None:
+        super().__init__()
+        import pyarrow.parquet as pq
+
+        self.path = path
+        self.filesystem = filesystem
+        with filesystem.open_input_file(path) as f:
+            metadata = pq.ParquetFile(f).metadata
+        self.groups = [(metadata.row_group(i).num_rows, metadata.row_group(i).total_byte_size)
+                       for i in range(metadata.num_row_groups)]
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(size for _, size in self.groups)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[Any]:
+        from ray.data.block import BlockMetadata
+        from ray.data.datasource import ReadTask
+
+        count = max(1, min(parallelism, len(self.groups)))
+        bounds = [round(i * len(self.groups) / count) for i in range(count + 1)]
+        tasks = []
+        for start, stop in zip(bounds, bounds[1:]):
+            if start == stop:
+                continue
+            rows = sum(n for n, _ in self.groups[start:stop])
+            size = sum(b for _, b in self.groups[start:stop])
+            tasks.append(ReadTask(_group_reader(self.path, self.filesystem, start, stop),
+                                  BlockMetadata(num_rows=rows, size_bytes=size, input_files=None, exec_stats=None)))
+        return tasks
+
+
+def _group_reader(path: str, filesystem: Any, start: int, stop: int) -> Callable[[], Iterator["pa.Table"]]:
+    def read() -> Iterator["pa.Table"]:
+        import pyarrow.parquet as pq
+
+        with filesystem.open_input_file(path) as f:
+            reader = pq.ParquetFile(f)
+            for group in range(start, stop):
+                yield reader.read_row_group(group)
+
+    return read
 
 
 @dataclass(frozen=True)

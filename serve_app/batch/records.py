@@ -18,7 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from serve_app.errors import ServeAppError, Unavailable
 from serve_app.tenancy.metering import (
-    ACTIVE_BATCH_STATUSES, CREDIT_SPEND, METADATA, USAGE_RECORDS, UsageRecord, _alembic_lock, _describe, _row, create_engine, migrate,
+    _SQLITE_BEGIN, ACTIVE_BATCH_STATUSES, CREDIT_SPEND, METADATA, USAGE_RECORDS, UsageRecord, _alembic_lock,
+    _describe, _row, create_engine, migrate,
 )
 
 logger = logging.getLogger(__name__)
@@ -107,15 +108,24 @@ class BatchRecords:
     async def close(self) -> None:
         await self._engine.dispose()
 
-    async def _db(self, work: Callable[[AsyncConnection], Awaitable[T]], write: bool = False) -> T:
+    async def _db(self, work: Callable[[AsyncConnection], Awaitable[T]], write: bool = False,
+                  immediate: bool = False) -> T:
+        """`immediate`: on SQLite the transaction takes the write lock before it reads (a read-then-write
+        check holds); PostgreSQL's callers lock what they need themselves."""
         async def run() -> T:
             if not self._migrated:
                 async with _alembic_lock():
                     if not self._migrated:
                         await migrate(self._engine)
                         self._migrated = True
-            async with (self._engine.begin() if write else self._engine.connect()) as conn:
-                return await work(conn)
+            if not write:
+                async with self._engine.connect() as conn:
+                    return await work(conn)
+            async with self._engine.connect() as conn:
+                if immediate and self._engine.dialect.name == "sqlite":
+                    conn = await conn.execution_options(**{_SQLITE_BEGIN: "BEGIN IMMEDIATE"})
+                async with conn.begin():
+                    return await work(conn)
 
         try:
             return await asyncio.wait_for(run(), self._timeout_s)
@@ -165,6 +175,8 @@ class BatchRecords:
     async def add_batch(self, row: dict[str, Any], max_active: int) -> bool:
         """Inserts the batch unless its owner already has `max_active` batches not finished (False then)."""
         async def work(conn: AsyncConnection) -> bool:
+            if conn.dialect.name == "postgresql":  # one create per owner at a time: the count then holds
+                await conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:owner))"), {"owner": row["owner"]})
             active = await conn.scalar(sa.select(sa.func.count()).select_from(BATCHES).where(
                 BATCHES.c.owner == row["owner"], BATCHES.c.status.in_(ACTIVE)))
             if active >= max_active:
@@ -172,7 +184,7 @@ class BatchRecords:
             await conn.execute(sa.insert(BATCHES).values(**row))
             return True
 
-        return await self._db(work, write=True)
+        return await self._db(work, write=True, immediate=True)
 
     async def batch(self, owner: str | None, batch_id: str) -> dict[str, Any] | None:
         query = sa.select(BATCHES).where(BATCHES.c.id == batch_id)
@@ -227,6 +239,19 @@ class BatchRecords:
             if done.rowcount != 1:
                 return None
             return dict((await conn.execute(sa.select(BATCHES).where(BATCHES.c.id == batch_id))).mappings().one())
+
+        return await self._db(work, write=True)
+
+    async def start(self, batch_id: str, runner: str, lease_s: float, **values: Any) -> dict[str, Any] | None:
+        """`validating` → `in_progress` with `values`, unless a cancel came first; the row as it is now (None:
+        the lease is not `runner`'s)."""
+        async def work(conn: AsyncConnection) -> dict[str, Any] | None:
+            await conn.execute(sa.update(BATCHES).where(
+                BATCHES.c.id == batch_id, BATCHES.c.runner == runner, BATCHES.c.status == "validating",
+            ).values(status="in_progress", lease_until_us=_now_us() + int(lease_s * 1e6), **values))
+            row = (await conn.execute(sa.select(BATCHES).where(BATCHES.c.id == batch_id,
+                                                               BATCHES.c.runner == runner))).mappings().first()
+            return dict(row) if row else None
 
         return await self._db(work, write=True)
 

@@ -164,6 +164,7 @@ class BatchWork:
             return
         plan_name, output_name, errors_name = f"{base}/plan.parquet", f"{base}/output.jsonl", f"{base}/errors.jsonl"
         outcome: Outcome = state["outcome"]
+        handed_on = False  # the outputs belong to `_end` once the run is over; else they are deleted here
         try:
             with self.store.open_output(errors_name) as errors_out:
                 with self.store.open_output(plan_name) as plan_stream:
@@ -185,9 +186,9 @@ class BatchWork:
                                           "line": None}])}))
                     return
                 outcome.failed = validated.failed
-                started = self._call(self.records.renew(
-                    batch_id, self.id, self.settings.lease_s, status="in_progress", in_progress_at=now_s(),
-                    total=validated.total, failed=validated.failed, model=validated.model, held_nano_usd=bound))
+                started = self._call(self.records.start(
+                    batch_id, self.id, self.settings.lease_s, in_progress_at=now_s(), total=validated.total,
+                    failed=validated.failed, model=validated.model, held_nano_usd=bound))
                 state["counting"] = True
                 if started is None:
                     raise _Stop()
@@ -196,10 +197,14 @@ class BatchWork:
                         progress = Progress(lambda completed, failed: state["stop"], interval_s=0.0)
                         execute(self.store.path(plan_name), self.store.filesystem, self.spec, validated.model,
                                 output, errors_out, progress, outcome)
-                    elif started["status"] != "in_progress":
+                    elif started["status"] != "in_progress":  # cancelled while it was validated
                         outcome.stopped = started["status"]
+            handed_on = True
         finally:
             self.store.delete(plan_name)
+            if not handed_on:
+                self.store.delete(errors_name)
+                self.store.delete(output_name)
         self._end(row, validated.model, outcome, state["stop"] or outcome.stopped, output_name, errors_name)
 
     def _end(self, row: dict[str, Any], model: str | None, outcome: Outcome, stop: str | None, output_name: str,

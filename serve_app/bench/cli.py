@@ -6,6 +6,7 @@
     clip-bench compare --model ViT-B-32 --pretrained random --levels 1,32
     clip-bench step --model ViT-B-32 --pretrained random --payload text --steps 1:30,16:120,1:120
     clip-bench soak --model ViT-B-32 --pretrained random --minutes 10 --concurrency 2
+    clip-bench bulk --model ViT-B-32 --pretrained random --images 128 --texts 1024 --lines 10000,50000
     clip-bench gpu --smoke
     clip-bench checkpoint /tmp/vitg14-random --arch ViT-g-14
 """
@@ -506,12 +507,76 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--image-size", default="640x480")
     gpu.add_argument("--out", default=None, help="JSON path (default bench-out/gpu-<time>.json; .md beside it)")
     gpu.set_defaults(func=cmd_gpu)
+    bulk = sub.add_parser("bulk", help="the Batch API against the bare model (images/s, texts/s), the online p99 "
+                          "beside a running batch, the batch job's peak RSS by file size; JSON")
+    _model_args(bulk)
+    bulk.add_argument("--tiny", action="store_true", help="the tiny random model of serve_app.dev_model (a smoke "
+                      "run); --model/--pretrained are ignored")
+    bulk.add_argument("--images", type=int, default=64, help="throughput: image lines (one 640x480 JPEG each)")
+    bulk.add_argument("--texts", type=int, default=512, help="throughput: text lines (one caption each)")
+    bulk.add_argument("--lines", default="10000,50000", help="memory: text lines of each file, e.g. 10000,50000")
+    bulk.add_argument("--window", type=float, default=20.0, help="priority: seconds of each online window")
+    bulk.add_argument("--warmup", type=float, default=2.0, help="priority: load before each window, seconds")
+    bulk.add_argument("--concurrency", type=int, default=2, help="priority: closed-loop online clients")
+    bulk.add_argument("--online-payload", default="image", choices=["image", "text"],
+                      help="priority: what one online request carries (one item)")
+    bulk.add_argument("--niceness", type=int, default=10, help="the job's stages' OS niceness (0: none)")
+    bulk.add_argument("--preprocess-concurrency", type=int, default=1, help="the job's preprocessing actors")
+    bulk.add_argument("--batch-size", type=int, default=32, help="the job's encoder batch, and bare's batch size")
+    bulk.add_argument("--encoding-format", default="float", choices=["float", "base64"])
+    bulk.add_argument("--image-size", default="640x480", help="JPEG size WxH")
+    bulk.add_argument("--parts", default=",".join(("throughput", "priority", "memory")),
+                      help="which parts to run: throughput,priority,memory")
+    bulk.add_argument("--sample-s", type=float, default=0.2, help="memory: seconds between RSS samples")
+    bulk.add_argument("--bare-min-seconds", type=float, default=3.0, help="bare: seconds per modality")
+    bulk.add_argument("--priority-max-lines", type=int, default=5000,
+                      help="priority: the batch's image lines at most (~55 kB each)")
+    bulk.add_argument("--job-timeout", type=float, default=900.0, help="seconds one batch may take")
+    _server_run_args(bulk, "bulk")
+    bulk.set_defaults(func=cmd_bulk, argv=None)
+
     checkpoint = sub.add_parser("checkpoint", help="write a random-weight local-dir checkpoint of an architecture")
     checkpoint.add_argument("directory")
     checkpoint.add_argument("--arch", default="ViT-g-14", help="a built-in open_clip architecture")
     checkpoint.add_argument("--seed", type=int, default=0)
     checkpoint.set_defaults(func=cmd_checkpoint)
     return parser
+
+
+def bulk_settings(args: argparse.Namespace) -> Any:
+    from serve_app.bench.bulk import PARTS, BulkSettings
+
+    parts = _strs(args.parts)
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise SystemExit(f"unknown --parts {unknown}; choose from {', '.join(PARTS)}")
+    lines = _ints(args.lines)
+    if "memory" in parts and (len(lines) < 1 or min(lines) < 1):
+        raise SystemExit("--lines: one or more positive line counts, e.g. 10000,50000")
+    width, height = _size(args.image_size)
+    return BulkSettings(
+        model=None if args.tiny else args.model, pretrained=None if args.tiny else _pretrained(args.pretrained),
+        threads=args.threads, images=args.images, texts=args.texts, width=width, height=height, lines=lines,
+        window_s=args.window, warmup_s=args.warmup, concurrency=args.concurrency, online_payload=args.online_payload,
+        niceness=args.niceness, preprocess_concurrency=args.preprocess_concurrency, batch_size=args.batch_size,
+        encoding_format=args.encoding_format, parts=parts, sample_s=args.sample_s,
+        bare_min_seconds=args.bare_min_seconds, job_timeout_s=args.job_timeout,
+        priority_max_lines=args.priority_max_lines, app_args=json.loads(args.app_args), workdir=args.workdir,
+    )
+
+
+def cmd_bulk(args: argparse.Namespace) -> int:
+    from serve_app.bench.bulk import bulk_table, run_bulk
+    from serve_app.bench.report import write_json
+
+    settings = bulk_settings(args)
+    report = run_bulk(settings)
+    report["command"] = " ".join(args.argv or ["clip-bench", *sys.argv[1:]])
+    json_path, _ = _out_paths(args, "bulk")
+    write_json(json_path, report)
+    print(bulk_table(report))
+    print(f"\nmodel {report['model']} ({settings.threads} torch threads); wrote {json_path}")
+    return 0
 
 
 def cmd_soak(args: argparse.Namespace) -> int:

@@ -83,7 +83,7 @@ def test_replica_processes_starting_at_once_migrate_the_database_once(pg_url: st
     reports = [replica.communicate(timeout=60) for replica in replicas]
     assert [replica.returncode for replica in replicas] == [0, 0, 0], [err[-2000:] for _, err in reports]
     assert [json.loads(out) for out, _ in reports] == [{"healthy": True}] * 3, [err[-2000:] for _, err in reports]
-    assert asyncio.run(fetch(pg_url, f"SELECT version_num FROM {VERSION_TABLE}")) == [("0001",)]
+    assert asyncio.run(fetch(pg_url, f"SELECT version_num FROM {VERSION_TABLE}")) == [("0002",)]
 
 
 def test_stores_of_one_process_starting_at_once_migrate_the_database_once(pg_url: str) -> None:
@@ -92,7 +92,7 @@ def test_stores_of_one_process_starting_at_once_migrate_the_database_once(pg_url
         await asyncio.gather(*(s.start() for s in stores))
         assert all(s.healthy for s in stores)
         await asyncio.gather(*(s.close() for s in stores))
-        assert await fetch(pg_url, f"SELECT version_num FROM {VERSION_TABLE}") == [("0001",)]
+        assert await fetch(pg_url, f"SELECT version_num FROM {VERSION_TABLE}") == [("0002",)]
         engine = create_async_engine(pg_url)
         async with engine.connect() as conn:
             diff = await conn.run_sync(lambda c: compare_metadata(

@@ -540,9 +540,6 @@ def test_a_batch_with_format_errors_fails_with_them(tmp_path: Path, spec: JobSpe
     assert final["held_nano_usd"] == 0 and final["error_file_id"] is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runner.py BatchWork._work: when validation fails the batch (or the credit check does) it returns without "
-    "deleting batches/<id>/errors.jsonl, which no file row names: the object stays in the store for ever"))
 def test_a_batch_that_fails_validation_leaves_no_objects_behind(tmp_path: Path, spec: JobSpec, monkeypatch) -> None:
     _, names, _ = run_batch(tmp_path, spec, [req("a", {"input": []}), b"{broken"], monkeypatch=monkeypatch)
     assert names == []
@@ -558,9 +555,6 @@ def test_a_batch_whose_lines_all_fail_validation_completes_with_an_error_file(tm
     assert names == ["batches/batch_1/errors.jsonl"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runner.py BatchWork._work moves the batch to in_progress with records.renew(status=...), which overwrites "
-    "a `cancelling` written by request_cancel during validation: the job runs and the batch ends completed"))
 def test_a_cancel_during_validation_ends_the_batch_cancelled_without_running_it(tmp_path: Path, spec: JobSpec,
                                                                                monkeypatch) -> None:
     def cancel(work, row) -> None:

@@ -223,16 +223,13 @@ def test_cancel_moves_running_batches_to_cancelling_and_leaves_finished_ones(tmp
     with_records(url_of(tmp_path / "db.sqlite"), work)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "records.renew writes `status` unconditionally, so the runner's move to in_progress after validation "
-    "(runner.py BatchWork._work) overwrites a cancel requested meanwhile: the batch runs to completed"))
 def test_a_cancel_requested_during_validation_survives_the_move_to_in_progress(tmp_path: Path) -> None:
     async def work(records: BatchRecords) -> None:
         await records.add_batch(batch_row("batch-1"), max_active=10)
         await records.claim("runner-1", lease_s=30)
         await records.request_cancel("key_a", "batch-1")  # while the runner validates the input file
         # what BatchWork._work does next; it checks started["status"] to learn that it must stop
-        started = await records.renew("batch-1", "runner-1", 30, status="in_progress", in_progress_at=1, total=3)
+        started = await records.start("batch-1", "runner-1", 30, in_progress_at=1, total=3)
         assert started["status"] == "cancelling"
 
     with_records(url_of(tmp_path / "db.sqlite"), work)
@@ -399,9 +396,6 @@ def test_postgres_runners_claiming_at_once_take_each_batch_once(postgres_url: st
     assert sorted(taken) == [f"batch-{i}" for i in range(4)]  # each once, none twice, none left
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "records.add_batch counts the owner's unfinished batches and inserts in one READ COMMITTED transaction with "
-    "no lock: creates at once each see the count before the others commit, and all pass max_active"))
 def test_postgres_creates_at_once_respect_max_active(postgres_url: str) -> None:
     async def main() -> list[bool]:
         ingresses = [BatchRecords(postgres_url) for _ in range(8)]

@@ -253,8 +253,11 @@ def priority_lines(rate: float | None, window_s: float, warmup_s: float, cap: in
 
 
 def process_title(cmd: str) -> str:
-    """A Ray process's title without the method it is running (`ray::MapWorker(...).submit` -> `ray::MapWorker(...)`)."""
+    """A process's title without the method it is running (`ray::MapWorker(...).submit` -> `ray::MapWorker(...)`);
+    a program's name for the others (`raylet`, `gcs_server`, `python`)."""
     title = cmd.split()[0] if cmd.split() else cmd
+    if not title.startswith("ray::"):
+        return os.path.basename(title)[:80]
     return re.sub(r"\)?\.[A-Za-z_]\w*$", lambda m: ")" if m.group(0).startswith(")") else "", title)[:80]
 
 
@@ -269,8 +272,10 @@ def process_role(cmd: str) -> str | None:
 
 
 class Peaks:
-    """Peak RSS of the runner, of the job's processes together and of each job process title, over samples of
-    (pid, cmd, rss bytes); and when each title (with the method it ran: `.__init__`, `.submit`) was first seen."""
+    """Over samples of (pid, cmd, rss bytes, cpu seconds) of a service's processes: the peak RSS of the runner, of
+    the job's processes together and of each job process title; when each job process title (with the method it
+    ran: `.__init__`, `.submit`) first showed in a process that did not have it at the first sample; and the CPU
+    seconds each title took between the first sample and the last (a process that started meanwhile: all its CPU)."""
 
     def __init__(self) -> None:
         self.runner = 0
@@ -278,21 +283,31 @@ class Peaks:
         self.total = 0  # runner + job, at one sample
         self.by_title: dict[str, int] = {}
         self.first_seen: dict[str, float] = {}
+        self.cpu_by_title: dict[str, float] = {}
+        self.niceness: dict[str, int] = {}  # titles seen at a niceness above 0 (filled by the sampler)
         self.samples = 0
         self.job_pids: set[int] = set()
+        self._initial: dict[int, str] | None = None  # pid -> cmd at the first sample
+        self._cpu: dict[int, float] = {}  # pid -> its CPU seconds at its last sample
 
-    def add(self, sample: list[tuple[int, str, int]], t: float | None = None) -> None:
+    def add(self, sample: list[tuple[int, str, int, float]], t: float | None = None) -> None:
+        first = self._initial is None
+        if first:
+            self._initial = {pid: cmd for pid, cmd, _, _ in sample}
         runner = job = 0
-        for pid, cmd, rss in sample:
+        for pid, cmd, rss, cpu in sample:
+            title = process_title(cmd)
+            if not first:  # CPU since the last sample, or since its start for a process new since the first
+                self.cpu_by_title[title] = self.cpu_by_title.get(title, 0.0) + cpu - self._cpu.get(pid, 0.0)
+            self._cpu[pid] = cpu
             role = process_role(cmd)
             if role == "runner":
                 runner = max(runner, rss)
             elif role == "job":
                 job += rss
                 self.job_pids.add(pid)
-                title = process_title(cmd)
                 self.by_title[title] = max(self.by_title.get(title, 0), rss)
-                if t is not None:
+                if t is not None and self._initial.get(pid) != cmd:
                     self.first_seen.setdefault((cmd.split() or [cmd])[0][:100], round(t, 2))
         self.runner = max(self.runner, runner)
         self.job = max(self.job, job)
@@ -305,6 +320,9 @@ class Peaks:
                 "runner_plus_job_peak_mib": mib(self.total), "job_processes": len(self.job_pids),
                 "by_title_peak_mib": {k: mib(v) for k, v in sorted(self.by_title.items())},
                 "first_seen_s": dict(sorted(self.first_seen.items(), key=lambda kv: kv[1])),
+                "cpu_s_by_title": {k: round(v, 2) for k, v in sorted(self.cpu_by_title.items(), key=lambda kv: -kv[1])
+                                   if v >= 0.005},
+                "niceness_by_title": dict(sorted(self.niceness.items())),
                 "samples": self.samples}
 
 
@@ -355,6 +373,18 @@ def goals(report: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------ sampling the processes' RSS
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_stat(pid: int) -> tuple[float, int] | None:
+    """(user + system CPU seconds, niceness) of one process, None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS, int(fields[16])
+
+
 class RssSampler:
     """Samples the RSS of every process under `root_pid` every `interval_s` into `Peaks`, in a thread."""
 
@@ -366,14 +396,18 @@ class RssSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bulk-rss", daemon=True)
 
-    def sample(self) -> list[tuple[int, str, int]]:
+    def sample(self) -> list[tuple[int, str, int, float]]:
         from serve_app.bench.report import process_rss, process_tree
 
         rows = []
         for pid in process_tree(self.root_pid):
             info = process_rss(pid)
-            if info is not None:
-                rows.append((pid, info[0], info[1]))
+            stat = process_stat(pid)
+            if info is not None and stat is not None:
+                rows.append((pid, info[0], info[1], stat[0]))
+                if stat[1]:  # the job's stages run niced: seen here
+                    title = process_title(info[0])
+                    self.peaks.niceness[title] = max(self.peaks.niceness.get(title, 0), stat[1])
         return rows
 
     def _run(self) -> None:
@@ -502,12 +536,17 @@ def run_priority(settings: BulkSettings, client: BatchClient, server: Any, serve
                                quality=settings.jpeg_quality, distinct=16, seed=20_000).prepare()
     level = [Level(concurrency=settings.concurrency)]
 
-    def window() -> dict[str, Any]:
+    cpu: dict[str, Any] = {}
+
+    def window(name: str) -> dict[str, Any]:
+        """One window of online load; every process's CPU during it (the warm-up included) by title."""
         load = LoadSettings(duration_s=settings.window_s, warmup_s=settings.warmup_s, progress=False)
-        (result,) = run_load(server.base_url, payload, level, load)
+        with RssSampler(server.process.pid, max(settings.sample_s, 0.5)) as sampler:
+            (result,) = run_load(server.base_url, payload, level, load)
+        cpu[name] = sampler.peaks.to_dict()["cpu_s_by_title"]
         return result.to_dict()
 
-    without = window()
+    without = window("without")
     lines = priority_lines(image_rate, settings.window_s, settings.warmup_s, settings.priority_max_lines)
     path = files / "priority-image.jsonl"
     write_requests(path, served, "image", cycle(bare.images, lines), prefix="p",
@@ -522,7 +561,7 @@ def run_priority(settings: BulkSettings, client: BatchClient, server: Any, serve
                         settings.job_timeout_s, polls)
     before = batch["request_counts"]["completed"]
     window_started = time.perf_counter()
-    with_batch = window()
+    with_batch = window("with_batch")
     window_s = time.perf_counter() - window_started
     at_end = client.get(batch["id"])
     covered = at_end["status"] == "in_progress"
@@ -536,7 +575,7 @@ def run_priority(settings: BulkSettings, client: BatchClient, server: Any, serve
     return {
         "online_payload": payload.describe(), "concurrency": settings.concurrency, "window_s": settings.window_s,
         "niceness": settings.niceness, "preprocess_concurrency": settings.preprocess_concurrency,
-        "without": without, "with_batch": with_batch,
+        "without": without, "with_batch": with_batch, "cpu_s_by_title": cpu,
         "batch": {"lines": lines, "batch_id": batch["id"], "covered_window": covered, "final_status": after["status"],
                   "started_s": round(window_started - started, 2), "completed_before_window": before,
                   "completed_at_window_end": at_end["request_counts"]["completed"],
@@ -640,6 +679,12 @@ def run_bulk(settings: BulkSettings) -> dict[str, Any]:
 # ------------------------------------------------------------------ the printed tables
 
 
+def top_cpu(cpu_s_by_title: dict[str, float], count: int = 7) -> str:
+    """`title cpu_s, ...` of the largest, the `ray::` prefix dropped."""
+    ranked = sorted(cpu_s_by_title.items(), key=lambda kv: -kv[1])[:count]
+    return ", ".join(f"{title.removeprefix('ray::')} {cpu:.1f}" for title, cpu in ranked)
+
+
 def bulk_table(report: dict[str, Any]) -> str:
     from serve_app.bench.report import fmt, format_table
 
@@ -665,6 +710,9 @@ def bulk_table(report: dict[str, Any]) -> str:
                                          if t is not None)
                              + f", first results counted {fmt(job['first_result_s'], 1)} s, "
                              f"{job['status']} {fmt(job['wall_s'], 1)} s")
+            cpu = (extra.get("rss") or {}).get("cpu_s_by_title")
+            if cpu:
+                lines.append(f"{kind}: CPU s by process: {top_cpu(cpu)}")
         parts.append(format_table(
             ["batch", "lines", "status", "wall s", "items/s", "job s", "job items/s", "steady items/s",
              "bare items/s", "wall/bare", "job/bare", "steady/bare", "validating s", "stages start s", "tail s"],
@@ -679,8 +727,11 @@ def bulk_table(report: dict[str, Any]) -> str:
                                    "p99 ms", "req/s", "ok", "errors"], rows)
                      + f"\np99 with/without: {s['p99_ratio']}x (p50 {s['p50_ratio']}x); niceness "
                      f"{pr['niceness']}, {pr['preprocess_concurrency']} preprocessing actor(s); batch of "
-                     f"{b['lines']} images {'ran through the window' if b['covered_window'] else 'ENDED BEFORE the window did'}"
-                     f" ({b['images_per_s_during_window']} images/s during it), then {b['final_status']}")
+                     f"{b['lines']} images "
+                     f"{'ran through the window' if b['covered_window'] else 'ENDED BEFORE the window did'}"
+                     f" ({b['images_per_s_during_window']} images/s during it), then {b['final_status']}"
+                     + "".join(f"\nCPU s by process, {name.replace('_', ' ')}: {top_cpu(c)}"
+                               for name, c in pr.get("cpu_s_by_title", {}).items()))
     mem = report.get("memory")
     if mem:
         rows = [[r["lines"], fmt(r["timing"]["wall_s"], 1), r["timing"]["status"], r["runner_before_mib"],

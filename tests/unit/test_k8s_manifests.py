@@ -409,12 +409,15 @@ def test_gpu_rayservice_shape():
     resources = gpu["template"]["spec"]["containers"][0]["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == "1" and resources["requests"] == resources["limits"]
     assert "nvidia.com/gpu" not in cpu["template"]["spec"]["containers"][0]["resources"]["limits"]
-    # the encoder pool fills the GPU group: one replica per GPU, autoscaling up to the group's size
+    # the encoder pool and the Batch API's encoder actors fill the GPU group: one per GPU, the encoder pool
+    # autoscaling up to the group's size less the batch job's GPUs (online work never waits for a batch's GPU)
     args = serve_config(rayservice)["applications"][0]["args"]
     assert args["device"] == "cuda" and args["precision"] == "bf16" and args.get("layout", "pools") == "pools"
     encoder = args["encoder"]
     assert encoder["num_gpus"] == 1 and encoder["autoscaling_config"]["min_replicas"] == gpu["minReplicas"]
-    assert encoder["autoscaling_config"]["max_replicas"] == gpu["maxReplicas"]
+    job = args["batch"]["job"]
+    assert args["batch"]["enabled"] and job["num_gpus"] == 1 and job["niceness"] > 0
+    assert encoder["autoscaling_config"]["max_replicas"] + job["concurrency"] == gpu["maxReplicas"]
     ray_cpus = float(resources["limits"]["cpu"])
     on_one_node = (encoder["num_cpus"] + args["preprocessor"]["num_cpus"] * args["preprocessor"]["autoscaling_config"][
         "min_replicas"] + args["ingress"]["num_cpus"] * args["ingress"]["autoscaling_config"]["min_replicas"])
@@ -592,7 +595,7 @@ def test_api_keys_reach_only_the_pods_that_check_them(variant: str):
 
 
 @pytest.mark.parametrize("variant", [*VARIANTS, EXTERNAL])
-def test_egress_is_dns_own_pods_and_the_hub_for_the_weights_job_only(variant: str):
+def test_egress_is_dns_own_pods_object_storage_and_the_hub_for_the_weights_job_only(variant: str):
     docs = build(variant)
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
     labels = pod_labels(docs)
@@ -641,8 +644,11 @@ def test_egress_is_dns_own_pods_and_the_hub_for_the_weights_job_only(variant: st
         if name == "head":
             (rule,) = api
             assert {p["port"] for p in rule["ports"]} == {443, 6443}
-        else:
-            assert api == [], name
+        else:  # the workers: the Batch API's object storage, HTTPS only, never the metadata address
+            (rule,) = api
+            assert rule["ports"] == [{"protocol": "TCP", "port": 443}], name
+            (peer,) = rule["to"]
+            assert any(METADATA in ipaddress.ip_network(e) for e in peer["ipBlock"]["except"]), name
     job_policy = named(docs, "NetworkPolicy", "clip-fetch-weights")
     assert job_policy["spec"]["ingress"] == [] and "Ingress" in job_policy["spec"]["policyTypes"]
 

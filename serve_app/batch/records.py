@@ -294,10 +294,6 @@ class BatchRecords:
 
         return await self._db(work)
 
-    async def due_to_expire(self, now: int) -> list[dict[str, Any]]:
-        """Unfinished batches past their completion window."""
-        return await self._all(sa.select(BATCHES).where(BATCHES.c.status.in_(ACTIVE), BATCHES.c.expires_at <= now))
-
     # ------------------------------------------------------------ helpers
 
     async def _one(self, query: Any) -> dict[str, Any] | None:

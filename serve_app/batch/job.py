@@ -141,7 +141,10 @@ def validate(lines: Iterator[bytes], spec: JobSpec, plan: Any, errors_out: Any) 
     from serve_app.serving import check_dimensions
     from serve_app.tenancy.gate import token_bound
 
+    import sys
+
     configure_list_limits(*spec.list_limits)
+    sys.set_int_max_str_digits(640)  # as the ingress (configure_guard): a huge integer costs quadratic time
     served = {s.name: s for s in spec.models}
     default = spec.models[0].name
     configs: dict[str, _Served] = {}
@@ -171,6 +174,11 @@ def validate(lines: Iterator[bytes], spec: JobSpec, plan: Any, errors_out: Any) 
                 error(number, "too_many_requests", f"the file has more than {spec.max_requests_per_file} requests; "
                       "split it into several batches")
                 break
+            # The online body's bound on JSON values (ingress._body_cap), before parsing: parsing costs per value.
+            if raw.count(b",") + raw.count(b"{") + raw.count(b"[") > spec.limits.max_json_values:
+                error(number, "too_many_json_values", f"this line holds more than {spec.limits.max_json_values} "
+                      "JSON values (commas, braces and brackets counted); send fewer items per request")
+                continue
             try:
                 request = json.loads(raw)
             except (ValueError, RecursionError):
@@ -180,9 +188,11 @@ def validate(lines: Iterator[bytes], spec: JobSpec, plan: Any, errors_out: Any) 
                 error(number, "invalid_request", "each line must be a JSON object")
                 continue
             custom_id = request.get("custom_id")
-            if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID_CHARS:
+            if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID_CHARS \
+                    or not _valid_utf8(custom_id):
                 error(number, "invalid_custom_id",
-                      f"custom_id must be a non-empty string of at most {MAX_CUSTOM_ID_CHARS} characters",
+                      f"custom_id must be a non-empty string of at most {MAX_CUSTOM_ID_CHARS} characters of valid "
+                      "Unicode",
                       "custom_id")
                 continue
             if custom_id in seen:
@@ -200,6 +210,7 @@ def validate(lines: Iterator[bytes], spec: JobSpec, plan: Any, errors_out: Any) 
             if not isinstance(body, dict):
                 error(number, "invalid_request", "body must be a JSON object", "body")
                 continue
+            # the online route's choice of model: the one named (a string), else the first served one
             model_name = body.get("model") if isinstance(body.get("model"), str) else default
             if result.model is None:
                 result.model = model_name
@@ -209,7 +220,7 @@ def validate(lines: Iterator[bytes], spec: JobSpec, plan: Any, errors_out: Any) 
             # The online route's own checks, in its order; a refusal is this line's answer.
             try:
                 parsed = EmbeddingRequest.model_validate(body)
-                name = parsed.model or default
+                name = parsed.model if parsed.model is not None else default
                 if name not in served:
                     raise ModelNotFound(f"The model `{name}` does not exist. Served models: {', '.join(served)}",
                                         param="model")
@@ -255,6 +266,14 @@ def validate(lines: Iterator[bytes], spec: JobSpec, plan: Any, errors_out: Any) 
     if result.total == 0 and not result.errors:
         error(1, "empty_file", "the input file has no requests")
     return result
+
+
+def _valid_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: JSON can carry it, no output line or Parquet string can
+        return False
+    return True
 
 
 def plan_schema() -> "pa.Schema":
@@ -422,7 +441,9 @@ def execute(plan_path: str, filesystem: Any, spec: JobSpec, model_name: str, out
     from serve_app.batch.dataset import IO_CPUS, encoder_spec, preprocess_pool
     from serve_app.serving import Embedded, embedding_response
 
-    model = next(s for s in spec.models if s.name == model_name)
+    model = next((s for s in spec.models if s.name == model_name), None)
+    if model is None:  # validation lets no line of an unserved model through
+        raise ValueError(f"model {model_name!r} is not served")
     context = DataContext.get_current()
     context.execution_options.preserve_order = True  # a line's inputs arrive together, lines in file order
     context.enable_progress_bars = False
@@ -460,6 +481,11 @@ def execute(plan_path: str, filesystem: Any, spec: JobSpec, model_name: str, out
                     status, body = json.loads(failure)
                     errors_out.write(_error_line(line[0]["custom_id"], status, body))
                     outcome.failed += 1
+                    # the line's other inputs were encoded all the same: billed, as the online route bills work
+                    # done before a failure
+                    done = [x for x in line if x[_FAILURE] is None]
+                    outcome.input_tokens += sum(x[_TOKENS_USED] for x in done)
+                    outcome.images += sum(x["kind"] == "image" for x in done)
                     continue
                 vectors = np.stack([np.asarray(x["row"].values.to_numpy(zero_copy_only=False), dtype=np.float32)
                                     for x in line])

@@ -28,6 +28,7 @@ T = TypeVar("T")
 
 ACTIVE = ACTIVE_BATCH_STATUSES
 TERMINAL = ("failed", "completed", "expired", "cancelled")
+CLAIM_WINDOW = 256  # the oldest waiting batches among which a runner picks the least recently served owner's
 
 BATCH_FILES = sa.Table(
     "batch_files", METADATA,
@@ -210,15 +211,26 @@ class BatchRecords:
         return await self._db(work, write=True)
 
     async def claim(self, runner: str, lease_s: float) -> dict[str, Any] | None:
-        """The oldest unfinished batch whose lease has lapsed (new ones have none), now leased to `runner`."""
+        """An unfinished batch whose lease has lapsed (new ones have none), now leased to `runner`: the oldest of
+        the owner served least recently (the one whose last batch started longest ago, or never), so that one
+        key's queue of batches does not hold every other key's back."""
         async def work(conn: AsyncConnection) -> dict[str, Any] | None:
             now = _now_us()
-            candidates = (await conn.execute(
-                sa.select(BATCHES.c.id, BATCHES.c.lease_until_us).where(
+            waiting = (await conn.execute(
+                sa.select(BATCHES.c.id, BATCHES.c.lease_until_us, BATCHES.c.owner).where(
                     BATCHES.c.status.in_(ACTIVE), BATCHES.c.lease_until_us < now,
-                ).order_by(BATCHES.c.created_at, BATCHES.c.id).limit(8)
+                ).order_by(BATCHES.c.created_at, BATCHES.c.id).limit(CLAIM_WINDOW)
             )).all()
-            for batch_id, lease in candidates:
+            if not waiting:
+                return None
+            owners = {owner for _, _, owner in waiting}
+            served = dict((await conn.execute(
+                sa.select(BATCHES.c.owner, sa.func.max(BATCHES.c.in_progress_at))
+                .where(BATCHES.c.owner.in_(owners)).group_by(BATCHES.c.owner)
+            )).tuples().all())
+            order = {c[0]: i for i, c in enumerate(waiting)}
+            candidates = sorted(waiting, key=lambda c: (served.get(c[2]) or 0, order[c[0]]))[:8]
+            for batch_id, lease, _owner in candidates:
                 taken = await conn.execute(sa.update(BATCHES).where(
                     BATCHES.c.id == batch_id, BATCHES.c.lease_until_us == lease,  # nobody took it meanwhile
                 ).values(runner=runner, lease_until_us=now + int(lease_s * 1e6), attempts=BATCHES.c.attempts + 1))

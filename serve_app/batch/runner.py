@@ -27,6 +27,7 @@ from serve_app.tenancy.metering import UsageRecord
 logger = logging.getLogger("ray.serve")
 
 DB_CALL_TIMEOUT_S = 60.0
+EXPIRY_GRACE_S = 600
 
 
 def database_url(tenancy: TenancySettings) -> str:
@@ -71,21 +72,33 @@ class BatchWork:
     # ------------------------------------------------------------ the loop
 
     async def run_forever(self) -> None:
+        """The work loop, and beside it the retention sweep (a long batch does not hold deletions up)."""
+        sweeper = asyncio.create_task(self._sweep_forever())
+        try:
+            while True:
+                try:
+                    if not await self.step():
+                        await asyncio.sleep(self.settings.poll_interval_s)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    logger.exception("batch runner step failed")
+                    await asyncio.sleep(self.settings.poll_interval_s)
+        finally:
+            sweeper.cancel()
+
+    async def _sweep_forever(self) -> None:
         while True:
             try:
-                if not await self.step():
-                    await asyncio.sleep(self.settings.poll_interval_s)
+                await self.sweep()
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception("batch runner step failed")
-                await asyncio.sleep(self.settings.poll_interval_s)
+                logger.exception("retention sweep failed")
+            await asyncio.sleep(self.settings.sweep_interval_s)
 
     async def step(self) -> bool:
         """One look for work; True when a batch was run."""
-        if time.monotonic() - self._last_sweep > self.settings.sweep_interval_s:
-            self._last_sweep = time.monotonic()
-            await self.sweep()
         row = await self.records.claim(self.id, self.settings.lease_s)
         if row is None:
             return False
@@ -93,11 +106,13 @@ class BatchWork:
         return True
 
     async def sweep(self) -> None:
-        """Files past their retention deleted, objects first (a row without its object would answer 500s)."""
-        for row in await self.records.expired_files(now_s()):
-            await asyncio.to_thread(self.store.delete, row["object_name"])
-            await self.records.delete_file(None, row["id"])
-            logger.info("file %s deleted (retention)", row["id"])
+        """Files past their retention deleted, rows first (a download that starts later finds no file), then
+        their objects; until none is left."""
+        while rows := await self.records.expired_files(now_s()):
+            for row in rows:
+                if await self.records.delete_file(None, row["id"]) is not None:
+                    await asyncio.to_thread(self.store.delete, row["object_name"])
+                    logger.info("file %s deleted (retention)", row["id"])
 
     # ------------------------------------------------------------ one batch
 
@@ -116,7 +131,7 @@ class BatchWork:
         state = {"stop": None, "outcome": Outcome(), "done": False}
         beat = asyncio.create_task(self._heartbeat(batch_id, row["expires_at"], state))
         try:
-            await asyncio.to_thread(self._work, row, state)
+            await asyncio.to_thread(self._work_safely, row, state)
         except _Stop:
             pass
         except Exception as exc:
@@ -148,10 +163,24 @@ class BatchWork:
                 state["stop"] = "cancelling"
             elif now_s() >= expires_at:
                 state["stop"] = "expired"
+                if now_s() >= expires_at + EXPIRY_GRACE_S:  # the job does not stop: let the lease lapse
+                    logger.error("batch %s: its job did not stop at expiry; its lease is let go", batch_id)
+                    return
 
     def _call(self, coroutine: Any) -> Any:
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(DB_CALL_TIMEOUT_S)
+
+    def _work_safely(self, row: dict[str, Any], state: dict[str, Any]) -> None:
+        """`_work` at the job's niceness (Linux's is per thread), whose failures all reach the caller: a
+        StopIteration crossing `to_thread` would leave its future pending for ever."""
+        from serve_app.batch.dataset import lower_priority
+
+        lower_priority(self.settings.job.niceness)
+        try:
+            self._work(row, state)
+        except StopIteration as exc:
+            raise RuntimeError(f"the job stopped: {exc!r}") from exc
 
     def _work(self, row: dict[str, Any], state: dict[str, Any]) -> None:
         """The job, in a thread: validation, the credit check, the run, the end."""

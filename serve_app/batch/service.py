@@ -56,7 +56,11 @@ class BatchAPI:
             raise InvalidRequest("the batch input file must be a .jsonl file", param="file")
         file_id = "file-" + uuid.uuid4().hex
         name = f"files/{file_id}"
-        size, lines = await asyncio.to_thread(self._copy, upload.file, name)
+        try:
+            size, lines = await asyncio.to_thread(self._copy, upload.file, name)
+        except BaseException:  # no row names a partial object: it goes now or never
+            await asyncio.to_thread(self.store.delete, name)
+            raise
         if size == 0:
             await asyncio.to_thread(self.store.delete, name)
             raise InvalidRequest("the file is empty", param="file")

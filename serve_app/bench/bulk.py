@@ -4,19 +4,26 @@ running batch, and the batch job's memory by file size, in one run.
     clip-bench bulk --model ViT-B-32 --pretrained random --images 128 --texts 1024 --lines 10000,50000
     clip-bench bulk --tiny --images 32 --texts 256 --lines 1000,3000 --window 5      # a smoke run
 
-Bare first (serve_app/bench/bare.py, in this process, nothing else running: images/s and texts/s at the job's
-batch size, on the same JPEGs and captions the batch files carry), then our service (`serve run`, the
+The bare model (serve_app/bench/bare.py: the service's own preprocessing and `EncoderCore`, in this process, at
+the job's batch size, on the same JPEGs and captions the batch files carry) and our service (`serve run`, the
 one-process layout, the Batch API on, files and records in the work directory), then three parts (`--parts`):
 
-- throughput: a file of `--images` lines (one 640x480 JPEG each, a data URI) and one of `--texts` lines (one
-  caption each), each uploaded and run as a batch alone. Timed from the batch's creation to `completed` as this
-  client polls it (every 0.25 s), and by the job's own `in_progress_at` -> `completed_at` (whole seconds);
-  the polls also tell where the time went: validation (created -> in_progress), the stages' start (actors and
-  their model load: in_progress -> the first results counted) and the steady rate after that. Each rate / bare's.
+- throughput: a few-line warm-up batch (the runner's first imports, Ray Data's own actors), then a file of
+  `--images` lines (one 640x480 JPEG each, a data URI) and one of `--texts` lines (one caption each), each run as a
+  batch alone, between two bare measurements of its modality (the service idle meanwhile: on a shared machine the
+  load drifts within minutes). Timed from the batch's creation to `completed` as this client polls it (every
+  0.25 s), and by the job's own `in_progress_at` -> `completed_at` (whole seconds); the polls and the processes'
+  titles (sampled from /proc) tell where the time went: validation (created -> in_progress), the stages' start
+  (worker processes, imports, the model's load: the actors' `__init__`), the first results, the steady rate after
+  them; and the CPU seconds of each process. Each rate / bare's.
 - priority: the online /v1/embeddings p50/p99 at a closed loop of `--concurrency` clients (single-image or
   single-text requests) for `--window` seconds without a batch, then with an image batch running (started and
   producing results before the window, sized from the throughput part's rate to outlast it; cancelled after).
-  The job's stages run at `--niceness`, with a fixed number of preprocessing actors.
+  The job's stages run at `--niceness`, with a fixed number of preprocessing actors. Ray starts every worker
+  process (the online replicas too) at its `worker_niceness`, 15 by default, and the stages' niceness is an
+  absolute value that is only ever raised: a niceness up to 15 changes nothing there (`--worker-niceness 0`
+  starts Ray's workers at 0, so that a niceness of 10 tells apart the stages from the online replicas). The
+  niceness each process was seen at is reported.
 - memory: text files of `--lines` lines each; while each runs, the RSS of the BatchRunner replica and of every
   process of the job (Ray Data's actors and the Ray workers running its read tasks) is sampled every
   `--sample-s` seconds from /proc; the peaks and their ratio across file sizes (flat: the job streams).
@@ -69,6 +76,7 @@ class BulkSettings:
     concurrency: int = 2
     online_payload: str = "image"  # image | text
     niceness: int = 10
+    worker_niceness: int | None = None  # RAY_worker_niceness of the server's Ray (None: Ray's default, 15)
     preprocess_concurrency: int = 1
     batch_size: int = 32  # the job's encoder batch and bare's batch size
     encoding_format: str = "float"
@@ -215,7 +223,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def bare_rates(runs: list[dict[str, Any]], batch: int) -> dict[str, float | None]:
-    """Images/s and texts/s at `batch`, the mean over the bare runs (before and after the service)."""
+    """Images/s and texts/s at `batch`, the mean over the bare runs (the ones just before and after a batch)."""
     out: dict[str, float | None] = {}
     for modality in ("image", "text"):
         rates = [r["items_per_s"] for run in runs for r in run["results"]
@@ -467,15 +475,24 @@ def reserved_cpus(args: dict[str, Any]) -> float:
             + job.concurrency * job.encoder_cpus + 0.25)
 
 
-def _bare(settings: BulkSettings, model: str, pretrained: str | None) -> tuple[Any, dict[str, Any]]:
+def _bare(settings: BulkSettings, model: str, pretrained: str | None) -> Any:
+    """The bare model (bare.py), loaded in this process; measured per modality beside the idle service."""
     from serve_app.bench.bare import BareModel, BareSettings, model_spec
 
-    bare = BareModel(model_spec(model, pretrained, settings.threads),
+    return BareModel(model_spec(model, pretrained, settings.threads),
                      BareSettings(image_batches=[settings.batch_size], text_batches=[settings.batch_size],
                                   min_seconds=settings.bare_min_seconds, width=settings.width,
                                   height=settings.height, jpeg_quality=settings.jpeg_quality,
                                   distinct=settings.distinct))
-    return bare, bare.run()
+
+
+def measure_bare(bare: Any, kind: str, batch: int) -> dict[str, Any]:
+    """One bare measurement of `kind` at `batch`, in the shape of bare.py's runs (`bare_rates` reads it)."""
+    from serve_app.bench.report import loadavg
+
+    before = loadavg()
+    result = bare.measure_images(batch) if kind == "image" else bare.measure_texts(batch)
+    return {"results": [result], "loadavg_before": before, "loadavg_after": loadavg(), "at": time.time()}
 
 
 def _run_batch(client: BatchClient, path: Path, lines: int, timeout_s: float, root_pid: int | None = None,
@@ -505,8 +522,10 @@ def _run_batch(client: BatchClient, path: Path, lines: int, timeout_s: float, ro
 def run_throughput(settings: BulkSettings, client: BatchClient, served: str, bare: Any, files: Path,
                    root_pid: int | None = None) -> dict[str, Any]:
     """A warm-up batch of a few texts first (the runner's first imports, Ray Data's own actors), then the image
-    file and the text file, each alone; the service's processes sampled (RSS, and when each job process shows)."""
-    jobs, extras = {}, {}
+    file and the text file, each alone and each between two bare measurements of its modality (the service idle
+    meanwhile: a shared machine's drift falls on both); the service's processes sampled (RSS, CPU, and when each
+    job process shows)."""
+    jobs, extras, bare_runs = {}, {}, []
     for kind, count, pool in (("warmup", 4, bare.texts), ("image", settings.images, bare.images),
                               ("text", settings.texts, bare.texts)):
         if count <= 0:
@@ -514,14 +533,19 @@ def run_throughput(settings: BulkSettings, client: BatchClient, served: str, bar
         path = files / f"throughput-{kind}.jsonl"
         write_requests(path, served, "text" if kind == "warmup" else kind, cycle(pool, count), prefix=kind,
                        encoding_format=settings.encoding_format)
+        if kind != "warmup":
+            bare_runs.append(measure_bare(bare, kind, settings.batch_size))
         timing, extra = _run_batch(client, path, count, settings.job_timeout_s, root_pid=root_pid,
                                    sample_s=settings.sample_s)
         path.unlink()
         if kind == "warmup":
             warmup = {**timing, **extra}
         else:
+            bare_runs.append(measure_bare(bare, kind, settings.batch_size))
             jobs[kind], extras[kind] = timing, extra
-    return {"warmup": warmup, "jobs": jobs, "extras": extras}
+    rates = bare_rates(bare_runs, settings.batch_size)
+    return {"warmup": warmup, "jobs": jobs, "extras": extras, "bare_runs": bare_runs,
+            "summary": throughput_summary(jobs, rates)}
 
 
 def run_priority(settings: BulkSettings, client: BatchClient, server: Any, served: str, bare: Any,
@@ -537,13 +561,16 @@ def run_priority(settings: BulkSettings, client: BatchClient, server: Any, serve
     level = [Level(concurrency=settings.concurrency)]
 
     cpu: dict[str, Any] = {}
+    niceness: dict[str, int] = {}
 
     def window(name: str) -> dict[str, Any]:
         """One window of online load; every process's CPU during it (the warm-up included) by title."""
         load = LoadSettings(duration_s=settings.window_s, warmup_s=settings.warmup_s, progress=False)
         with RssSampler(server.process.pid, max(settings.sample_s, 0.5)) as sampler:
             (result,) = run_load(server.base_url, payload, level, load)
-        cpu[name] = sampler.peaks.to_dict()["cpu_s_by_title"]
+        seen = sampler.peaks.to_dict()
+        cpu[name] = seen["cpu_s_by_title"]
+        niceness.update(seen["niceness_by_title"])
         return result.to_dict()
 
     without = window("without")
@@ -576,6 +603,7 @@ def run_priority(settings: BulkSettings, client: BatchClient, server: Any, serve
         "online_payload": payload.describe(), "concurrency": settings.concurrency, "window_s": settings.window_s,
         "niceness": settings.niceness, "preprocess_concurrency": settings.preprocess_concurrency,
         "without": without, "with_batch": with_batch, "cpu_s_by_title": cpu,
+        "niceness_seen": {title: n for title, n in niceness.items() if "ServeReplica" in title or "MapWorker" in title},
         "batch": {"lines": lines, "batch_id": batch["id"], "covered_window": covered, "final_status": after["status"],
                   "started_s": round(window_started - started, 2), "completed_before_window": before,
                   "completed_at_window_end": at_end["request_counts"]["completed"],
@@ -610,6 +638,12 @@ def run_bulk(settings: BulkSettings) -> dict[str, Any]:
     from serve_app.bench.report import git_state, machine_info
     from serve_app.bench.servers import OurServer
 
+    from serve_app.ray_env import small_cpu_env
+
+    # the bare model in this process runs with the OpenMP settings the service's processes get (GOMP_SPINCOUNT:
+    # spinning OpenMP workers on a shared 2-core machine slow the model several times); before torch loads
+    for key, value in small_cpu_env().items():
+        os.environ.setdefault(key, value)
     workdir = Path(settings.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     for stale in ("store", "files", "records.sqlite"):  # this mode's own files of an earlier run
@@ -625,15 +659,18 @@ def run_bulk(settings: BulkSettings) -> dict[str, Any]:
                               "pretrained": pretrained, "machine": machine_info(), "git": git_state()}
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    bare, first_bare = _bare(settings, model, pretrained)
-    timings["bare_s"] = round(time.perf_counter() - started, 1)
-    bare_runs = [first_bare]
+    bare = _bare(settings, model, pretrained)
+    timings["bare_load_s"] = round(time.perf_counter() - started, 1)
+    bare_runs: list[dict[str, Any]] = []
     args = app_args(settings, model, pretrained, workdir)
     reserved = reserved_cpus(args)
     cpus = max(os.cpu_count() or 1, math.ceil(reserved + 1))
     report["app_args"] = args
     report["ray_cpus"] = {"reserved": reserved, "told": cpus}
-    server = OurServer(workdir / "server", args, env={"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": cpus})})
+    env = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": cpus})}
+    if settings.worker_niceness is not None:  # Ray starts every worker (replicas, the job's actors) at this
+        env["RAY_worker_niceness"] = str(settings.worker_niceness)
+    server = OurServer(workdir / "server", args, env=env)
     served = args["served_model_name"]
     client = None
     try:
@@ -645,11 +682,14 @@ def run_bulk(settings: BulkSettings) -> dict[str, Any]:
         if "throughput" in settings.parts:
             started = time.perf_counter()
             report["throughput"] = run_throughput(settings, client, served, bare, files, server.process.pid)
+            bare_runs += report["throughput"]["bare_runs"]
             timings["throughput_s"] = round(time.perf_counter() - started, 1)
         if "priority" in settings.parts:
             started = time.perf_counter()
             # the batch must outlast the window: sized at the fastest rate seen (the job's own, or bare's)
             image_job = report.get("throughput", {}).get("jobs", {}).get("image", {})
+            if bare_rates(bare_runs, settings.batch_size)["image"] is None:
+                bare_runs.append(measure_bare(bare, "image", settings.batch_size))
             rate = max(image_job.get("steady_items_per_s") or 0.0, image_job.get("items_per_s") or 0.0,
                        bare_rates(bare_runs, settings.batch_size)["image"] or 0.0)
             report["priority"] = run_priority(settings, client, server, served, bare, rate, files)
@@ -663,14 +703,10 @@ def run_bulk(settings: BulkSettings) -> dict[str, Any]:
         if client is not None:
             client.close()
         server.stop()
-    if "throughput" in settings.parts:  # once more, the service gone: the machine's drift falls on both
-        started = time.perf_counter()
-        bare_runs.append(bare.run())
-        timings["bare_after_s"] = round(time.perf_counter() - started, 1)
-        rates = bare_rates(bare_runs, settings.batch_size)
-        report["throughput"]["summary"] = throughput_summary(report["throughput"]["jobs"], rates)
-    report["bare"] = {"runs": bare_runs, "items_per_s": bare_rates(bare_runs, settings.batch_size),
-                      "batch": settings.batch_size}
+    report["bare"] = {"model": model, "threads": settings.threads, "batch": settings.batch_size,
+                      "load_seconds": round(bare.load_seconds, 2), "device": bare.core.device,
+                      "kernels": bare.core.kernels, "runs": bare_runs,
+                      "items_per_s": bare_rates(bare_runs, settings.batch_size)}
     report["timings"] = timings
     report["goals"] = goals(report)
     return report
@@ -731,7 +767,10 @@ def bulk_table(report: dict[str, Any]) -> str:
                      f"{'ran through the window' if b['covered_window'] else 'ENDED BEFORE the window did'}"
                      f" ({b['images_per_s_during_window']} images/s during it), then {b['final_status']}"
                      + "".join(f"\nCPU s by process, {name.replace('_', ' ')}: {top_cpu(c)}"
-                               for name, c in pr.get("cpu_s_by_title", {}).items()))
+                               for name, c in pr.get("cpu_s_by_title", {}).items())
+                     + f"\nniceness seen (0 unless listed): "
+                     + (", ".join(f"{t.removeprefix('ray::')} {n}" for t, n in pr.get("niceness_seen", {}).items())
+                        or "none"))
     mem = report.get("memory")
     if mem:
         rows = [[r["lines"], fmt(r["timing"]["wall_s"], 1), r["timing"]["status"], r["runner_before_mib"],

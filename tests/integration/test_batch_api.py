@@ -48,6 +48,7 @@ def batch_url(serve_url, tiny_model_dir: Path, tmp_path_factory, postgres_server
         "admin_keys": [{"id": "key_batch_admin", "secrets": [SECRETS["admin"]]}],
     }))
     s3_server.create_bucket(BUCKET)
+    os.environ["CLIP_TEST_S3_URL"] = s3_server.url  # for stored_objects()
     # The session's Ray started before the S3 server's credentials were in the environment: the replicas get them
     # as a cluster's pods would (the Ray Data actors a runner starts inherit its runtime environment).
     aws = {**s3_server.DUMMY_CREDENTIALS, "AWS_EC2_METADATA_DISABLED": "true"}
@@ -229,6 +230,14 @@ def test_lines_the_online_route_refuses_fail_alone_and_the_others_complete(batch
                                headers={"Authorization": f"Bearer {SECRETS['owner']}"}, timeout=60)
         assert row["response"]["status_code"] == online.status_code == 400, (custom_id, online.text)
         assert row["response"]["body"] == online.json(), custom_id  # the online route's own error, word for word
+    # billed: the good lines, and the text beside the bad image (encoded before its line failed), as online
+    def tokens(body: dict) -> int:
+        answer = requests.post(batch_url + "/v1/embeddings", json=body,
+                               headers={"Authorization": f"Bearer {SECRETS['owner']}"}, timeout=60)
+        return answer.json()["usage"]["prompt_tokens"]
+
+    assert batch.usage.input_tokens == tokens(bodies["good-1"]) + tokens({"model": TINY_NAME, "input": "text"})
+    assert batch.usage.images == 1
 
 
 SMALL_IMAGES = [data_uri(encode(random_image(16, 12, seed=200 + i)), "image/png") for i in range(20)]
@@ -311,6 +320,18 @@ def test_a_batch_beyond_the_keys_credit_fails_before_any_work(batch_url):
     assert batch.request_counts.completed == 0
 
 
+def stored_objects() -> set[str]:
+    import boto3
+
+    from tests.services import MotoServer
+
+    endpoint = os.environ["CLIP_TEST_S3_URL"]
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=MotoServer.region,
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="files/files/")
+    return {o["Key"] for page in pages for o in page.get("Contents", [])}
+
+
 def test_files_api_refusals(batch_url):
     client = sdk(batch_url)
     headers = {"Authorization": f"Bearer {SECRETS['owner']}"}
@@ -323,6 +344,12 @@ def test_files_api_refusals(batch_url):
     too_big = requests.post(batch_url + "/v1/files", files={"file": ("a.jsonl", b"x" * 3_100_000)},
                             data={"purpose": "batch"}, headers=headers, timeout=60)
     assert too_big.status_code == 413, too_big.text
+    # just over the file limit, within the multipart framing's allowance: refused while copied, and no object left
+    before = stored_objects()
+    over = requests.post(batch_url + "/v1/files", files={"file": ("a.jsonl", b"x" * 3_000_100)},
+                         data={"purpose": "batch"}, headers=headers, timeout=60)
+    assert_error(over, 413, "file")
+    assert stored_objects() == before
     not_multipart = requests.post(batch_url + "/v1/files", json={"purpose": "batch"}, headers=headers, timeout=30)
     assert not_multipart.status_code == 400
     unknown = requests.post(batch_url + "/v1/batches", json={"input_file_id": "file-nope", "endpoint": "/v1/embeddings",

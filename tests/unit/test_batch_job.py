@@ -564,3 +564,39 @@ def test_a_cancel_during_validation_ends_the_batch_cancelled_without_running_it(
                                    monkeypatch=monkeypatch)
     assert final["status"] == "cancelled" and final["cancelled_at"]
     assert executed == []
+
+
+# ---------------------------------------------------------------- what a hostile key holder tried
+
+
+def test_an_empty_model_name_is_the_online_404_and_the_batch_ends(tmp_path: Path, spec: JobSpec, monkeypatch) -> None:
+    """`"model": ""` is not the default model (the online route answers 404): the line fails alone, nothing
+    reaches the encoders, and the batch ends (it once hung its runner for good)."""
+    validated, rows, errors = run(spec, [req("a", {"model": "", "input": "x"})])
+    assert rows == [] and validated.failed == 1
+    assert errors[0]["response"]["status_code"] == 404
+    assert errors[0]["response"]["body"]["error"]["param"] == "model"
+    final, _, executed = run_batch(tmp_path, spec, [req("a", {"model": "", "input": "x"})], monkeypatch=monkeypatch)
+    assert (final["status"], final["failed"], executed) == ("completed", 1, [])
+
+
+def test_a_custom_id_that_is_not_valid_unicode_is_a_format_error(spec: JobSpec) -> None:
+    validated, rows, _ = run(spec, [b'{"custom_id": "a\\ud800", "method": "POST", "url": "/v1/embeddings", '
+                                    b'"body": {"input": "x"}}'])
+    assert [(e["line"], e["code"]) for e in validated.errors] == [(1, "invalid_custom_id")] and rows == []
+
+
+def test_a_line_of_more_json_values_than_an_online_body_may_hold_is_refused_before_parsing(spec: JobSpec) -> None:
+    limit = spec.limits.max_json_values
+    padded = b'{"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x", "pad": [' + \
+        b",".join([b"{}"] * limit) + b"]}}"
+    validated, rows, _ = run(spec, [req("fine"), padded])
+    assert [(e["line"], e["code"]) for e in validated.errors] == [(2, "too_many_json_values")]
+
+
+def test_a_huge_integer_is_refused_as_online(spec: JobSpec) -> None:
+    line = b'{"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x", "dimensions": ' + \
+        b"9" * 5000 + b"}}"
+    validated, rows, errors = run(spec, [line])
+    assert rows == [] and ((validated.errors and validated.errors[0]["code"] == "invalid_json_line")
+                           or errors[0]["response"]["status_code"] == 400)

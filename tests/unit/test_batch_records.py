@@ -407,3 +407,22 @@ def test_postgres_creates_at_once_respect_max_active(postgres_url: str) -> None:
             await asyncio.gather(*(r.close() for r in ingresses))
 
     assert sum(asyncio.run(main())) == 2
+
+
+def test_claims_take_turns_between_owners(tmp_path: Path) -> None:
+    """A key with a queue of batches does not hold a later key's batch back: after one of its batches started,
+    the next claim goes to the owner served least recently."""
+    async def work(records: BatchRecords) -> None:
+        for i, (owner, created) in enumerate([("key_a", 1000), ("key_a", 1001), ("key_a", 1002), ("key_b", 1003)]):
+            await records.add_batch(batch_row(f"batch-{i}", owner=owner, created_at=created), max_active=10)
+        first = await records.claim("runner-1", lease_s=30)
+        assert first["id"] == "batch-0"
+        await records.start("batch-0", "runner-1", 30, in_progress_at=2000)
+        await records.finish("batch-0", "runner-1", {"status": "completed", "completed_at": 2001})
+        second = await records.claim("runner-1", lease_s=30)
+        assert second["id"] == "batch-3"  # key_b's, though key_a's batch-1 is older
+        await records.start("batch-3", "runner-1", 30, in_progress_at=2002)
+        await records.finish("batch-3", "runner-1", {"status": "completed", "completed_at": 2003})
+        assert (await records.claim("runner-1", lease_s=30))["id"] == "batch-1"
+
+    with_records(url_of(tmp_path / "db.sqlite"), work)

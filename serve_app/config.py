@@ -420,6 +420,11 @@ class BatchAPISettings(StrictModel):
     max_requests_per_file: int = Field(default=50_000, ge=1, description="lines of a batch's input file")
     max_inputs_per_batch: int = Field(default=50_000, ge=1, description="embedding inputs of all a batch's lines")
     max_active_batches_per_key: int = Field(default=8, ge=1, description="batches of one key not yet finished")
+    max_files_per_key: int = Field(default=10_000, ge=1, description="files one key may keep (outputs included)")
+    max_stored_bytes_per_key: int = Field(
+        default=20 * 1024**3, ge=1, description="bytes of files one key may keep; an upload past it is refused "
+        "(outputs are written whatever their size, and count against later uploads)",
+    )
     retention_days: float = Field(default=30, gt=0, description="files and batch outputs are deleted after this")
     transfer_timeout_s: float = Field(
         default=900, gt=0, description="uploading or downloading one file (in place of the request deadline)",

@@ -154,6 +154,16 @@ class BatchRecords:
             query = query.where(BATCH_FILES.c.purpose == purpose)
         return await self._page(BATCH_FILES, query, owner, after, limit, order)
 
+    async def stored(self, owner: str) -> tuple[int, int]:
+        """(files, bytes) the owner keeps."""
+        async def work(conn: AsyncConnection) -> tuple[int, int]:
+            count, size = (await conn.execute(sa.select(
+                sa.func.count(), sa.func.coalesce(sa.func.sum(BATCH_FILES.c.bytes), 0),
+            ).where(BATCH_FILES.c.owner == owner))).one()
+            return int(count), int(size)
+
+        return await self._db(work)
+
     async def delete_file(self, owner: str | None, file_id: str) -> dict[str, Any] | None:
         """The row deleted (its object is the caller's to delete), or None."""
         async def work(conn: AsyncConnection) -> dict[str, Any] | None:

@@ -29,6 +29,13 @@ class TooManyBatches(ServeAppError):
     reason = "batch_limit"
 
 
+class StorageQuotaExceeded(ServeAppError):
+    status_code = 429
+    error_type = "invalid_request_error"
+    code = "storage_quota_exceeded"
+    reason = "storage_quota"
+
+
 def owner() -> str:
     """The key the request came with (tenancy); "" on a service without keys."""
     tenant = tenancy_gate.CURRENT.get()
@@ -54,6 +61,9 @@ class BatchAPI:
         filename = (upload.filename or "").rsplit("/", 1)[-1][:MAX_FILENAME_CHARS]
         if not filename.endswith(".jsonl"):
             raise InvalidRequest("the batch input file must be a .jsonl file", param="file")
+        files, stored = await self.records.stored(owner())
+        if files >= self.settings.max_files_per_key:
+            raise StorageQuotaExceeded(f"this key keeps {files} files, the most it may; delete some first")
         file_id = "file-" + uuid.uuid4().hex
         name = f"files/{file_id}"
         try:
@@ -61,6 +71,10 @@ class BatchAPI:
         except BaseException:  # no row names a partial object: it goes now or never
             await asyncio.to_thread(self.store.delete, name)
             raise
+        if stored + size > self.settings.max_stored_bytes_per_key:
+            await asyncio.to_thread(self.store.delete, name)
+            raise StorageQuotaExceeded(f"this key keeps {stored} bytes of files; this one would pass its "
+                                       f"{self.settings.max_stored_bytes_per_key} byte quota: delete some first")
         if size == 0:
             await asyncio.to_thread(self.store.delete, name)
             raise InvalidRequest("the file is empty", param="file")

@@ -426,3 +426,16 @@ def test_claims_take_turns_between_owners(tmp_path: Path) -> None:
         assert (await records.claim("runner-1", lease_s=30))["id"] == "batch-1"
 
     with_records(url_of(tmp_path / "db.sqlite"), work)
+
+
+def test_stored_counts_the_owners_files_and_bytes(tmp_path: Path) -> None:
+    async def work(records: BatchRecords) -> None:
+        assert await records.stored("key_a") == (0, 0)
+        for i in range(3):
+            await records.add_file(file_row(f"file-{i}", owner="key_a"))
+        await records.add_file(file_row("file-b", owner="key_b"))
+        assert await records.stored("key_a") == (3, 30)
+        await records.delete_file("key_a", "file-0")
+        assert await records.stored("key_a") == (2, 20)
+
+    with_records(url_of(tmp_path / "db.sqlite"), work)

@@ -478,7 +478,8 @@ def test_an_s3_store_takes_its_options_from_the_uri(s3_server) -> None:
 # ---------------------------------------------------------------- the runner's side of validation (no Ray Data)
 
 
-def run_batch(tmp_path: Path, spec: JobSpec, lines: list[bytes], during_validation=None, monkeypatch=None):
+def run_batch(tmp_path: Path, spec: JobSpec, lines: list[bytes], during_validation=None, monkeypatch=None,
+              expires_in: int = 3600, attempts: int = 0):
     """One batch through BatchWork.run up to the point where Ray Data would start: its input file in a local
     store, its records in SQLite; `execute` is replaced by a stub that records its call. `during_validation(work,
     row)` runs in the job's thread right after validate(). Returns (the batch's row at the end, the store's
@@ -516,8 +517,8 @@ def run_batch(tmp_path: Path, spec: JobSpec, lines: list[bytes], during_validati
             await records.add_batch({
                 "id": "batch_1", "owner": "key_a", "endpoint": "/v1/embeddings", "input_file_id": "file-in",
                 "completion_window": "24h", "status": "validating", "metadata": None, "created_at": now,
-                "expires_at": now + 3600, "total": 0, "completed": 0, "failed": 0, "input_tokens": 0, "images": 0,
-                "held_nano_usd": 0, "lease_until_us": 0, "attempts": 0}, max_active=8)
+                "expires_at": now + expires_in, "total": 0, "completed": 0, "failed": 0, "input_tokens": 0,
+                "images": 0, "held_nano_usd": 0, "lease_until_us": 0, "attempts": attempts}, max_active=8)
             work = runner.BatchWork(BatchAPISettings(lease_s=30, poll_interval_s=0.05), spec, records, store, None)
             row = await records.claim(work.id, 30)
             await asyncio.wait_for(work.run(row), 60)
@@ -600,3 +601,17 @@ def test_a_huge_integer_is_refused_as_online(spec: JobSpec) -> None:
     validated, rows, errors = run(spec, [line])
     assert rows == [] and ((validated.errors and validated.errors[0]["code"] == "invalid_json_line")
                            or errors[0]["response"]["status_code"] == 400)
+
+
+def test_a_batch_claimed_past_its_window_expires_without_running(tmp_path: Path, spec: JobSpec, monkeypatch) -> None:
+    final, names, executed = run_batch(tmp_path, spec, [req("a")], monkeypatch=monkeypatch, expires_in=-1)
+    assert (final["status"], executed, names) == ("expired", [], []) and final["expired_at"]
+
+
+def test_a_batch_whose_runs_all_died_fails_instead_of_running_again(tmp_path: Path, spec: JobSpec,
+                                                                  monkeypatch) -> None:
+    """Each claim counts an attempt; a batch claimed again after `max_attempts` runs (each runner died) fails."""
+    final, _, executed = run_batch(tmp_path, spec, [req("a")], monkeypatch=monkeypatch,
+                                   attempts=BatchAPISettings().max_attempts)
+    assert final["status"] == "failed" and executed == []
+    assert json.loads(final["errors"])[0]["code"] == "job_failed"

@@ -263,7 +263,7 @@ def priority_lines(rate: float | None, window_s: float, warmup_s: float, cap: in
 def process_title(cmd: str) -> str:
     """A process's title without the method it is running (`ray::MapWorker(...).submit` -> `ray::MapWorker(...)`);
     a program's name for the others (`raylet`, `gcs_server`, `python`)."""
-    title = cmd.split()[0] if cmd.split() else cmd
+    title = cmd.split()[0] if cmd.split() else "?"  # no command line: a zombie, a kernel thread
     if not title.startswith("ray::"):
         return os.path.basename(title)[:80]
     return re.sub(r"\)?\.[A-Za-z_]\w*$", lambda m: ")" if m.group(0).startswith(")") else "", title)[:80]

@@ -23,12 +23,14 @@ def test_defaults_measure_vit_b_32_random_on_640x480_jpegs():
 
 def test_arguments_reach_the_settings():
     settings = _settings("--tiny", "--images", "8", "--texts", "16", "--lines", "100,500", "--window", "4",
-                         "--concurrency", "3", "--niceness", "0", "--parts", "throughput,memory",
+                         "--concurrency", "3", "--niceness", "0", "--worker-niceness", "0",
+                         "--parts", "throughput,memory",
                          "--online-payload", "text", "--batch-size", "8", "--image-size", "320x240",
                          "--app-args", '{"batch": {"lease_s": 10}}', "--workdir", "/tmp/x")
     assert settings.model is None and settings.pretrained is None  # the tiny model is written at run time
     assert (settings.images, settings.texts, settings.lines) == (8, 16, [100, 500])
-    assert (settings.window_s, settings.concurrency, settings.niceness) == (4.0, 3, 0)
+    assert (settings.window_s, settings.concurrency, settings.niceness, settings.worker_niceness) == (4.0, 3, 0, 0)
+    assert _settings().worker_niceness is None  # Ray's own default
     assert settings.parts == ["throughput", "memory"] and settings.online_payload == "text"
     assert (settings.width, settings.height, settings.batch_size) == (320, 240, 8)
     assert settings.app_args == {"batch": {"lease_s": 10}} and settings.workdir == "/tmp/x"

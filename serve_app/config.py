@@ -401,10 +401,14 @@ class JobStages(StrictModel):
     preprocess_batch_size: int = Field(default=16, ge=1, le=4096, description="rows per preprocessing call")
     niceness: int = Field(
         default=0, ge=0, le=19,
-        description="the stages' processes run at this OS niceness: on CPUs shared with online replicas, the "
-        "online work is scheduled first",
+        description="raised by this much over the niceness Ray starts its workers at (`RAY_worker_niceness`, the "
+        "online replicas' too), up to 19: the stages yield CPUs shared with online replicas",
     )
-
+    idle: bool = Field(
+        default=False,
+        description="the stages run under Linux's SCHED_IDLE: only on CPU time no other process wants (online work "
+        "always first; a saturated node starves the job)",
+    )
 
 class BatchAPISettings(StrictModel):
     """OpenAI's Files and Batch API (README.md, "Bulk embedding"): files in `storage`, records in the tenancy

@@ -110,13 +110,13 @@ class Preprocess:
     per actor. A row that cannot be read gets its reason in `error` and zeros as its pixels (the encoder skips it)."""
 
     def __init__(self, spec: ModelSpec, kind: Kind, column: str, settings: EmbedSettings) -> None:
+        lower_priority(settings.niceness, settings.idle)  # before any import: loading is work too
         import torch
         from PIL import Image
 
         from serve_app.preprocess import ModelPreprocessing
 
         torch.set_num_threads(1)  # one core per actor: Ray Data runs as many actors as there are cores to spare
-        lower_priority(settings.niceness)
         Image.MAX_IMAGE_PIXELS = settings.image_limits.max_image_pixels  # Pillow's own guard agrees with ours
         self.kind = kind
         self.column = column
@@ -265,10 +265,10 @@ class Encode:
     """Encoder stage: one `EncoderCore` per actor (the online encoder's model and forward passes), fed the good rows
     of each batch; a failed row's embedding is null."""
 
-    def __init__(self, spec: ModelSpec, kind: Kind, niceness: int = 0) -> None:
+    def __init__(self, spec: ModelSpec, kind: Kind, niceness: int = 0, idle: bool = False) -> None:
+        lower_priority(niceness, idle)
         from serve_app.encoder import EncoderCore
 
-        lower_priority(niceness)
         self.kind = kind
         self.core = EncoderCore(spec)
         logger.info("clip-embed encoder %s on %s/%s (%s kernels), loaded in %.1fs", spec.name, self.core.device,
@@ -297,11 +297,15 @@ class Encode:
         return out.select([ID, EMBEDDING, *[c for c in out.column_names if c not in OUTPUT_COLUMNS], ERROR])
 
 
-def lower_priority(niceness: int) -> None:
-    """This process's OS niceness raised to `niceness` (never lowered): a bulk stage beside online replicas on
-    the same CPUs gets what they leave."""
+def lower_priority(niceness: int, idle: bool = False) -> None:
+    """The calling thread (and the threads it starts later: torch's, a decoder's) made to yield the CPU: its
+    niceness raised by `niceness` (relative: Ray starts every worker, the online replicas too, at its own
+    `worker_niceness`), and with `idle` scheduled under SCHED_IDLE (Linux), run only when nothing else wants the
+    CPU. A bulk stage beside online replicas then gets what they leave."""
     if niceness > 0:
-        os.nice(max(0, niceness - os.nice(0)))
+        os.nice(min(niceness, 19 - os.nice(0)))
+    if idle and hasattr(os, "sched_setscheduler"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def embedding_column(ok: "np.ndarray", vectors: "np.ndarray") -> "pa.Array":
@@ -344,12 +348,12 @@ def preprocess_pool(settings: EmbedSettings, free_cpus: float | None = None) -> 
 
 
 def encoder_spec(spec: ModelSpec, settings: EmbedSettings) -> ModelSpec:
-    """The spec an encoder actor loads: on the CPU (fp32, as the service), one torch thread per CPU it was given;
-    on a GPU, device cuda."""
+    """The spec an encoder actor loads: on the CPU (fp32, as the service), one torch thread per CPU it was given
+    (whatever the service's own encoder uses); on a GPU, device cuda."""
     update: dict[str, Any] = {}
     if settings.num_gpus and spec.device == "auto":
         update["device"] = "cuda"
-    if not settings.num_gpus and spec.torch_threads is None:
+    if not settings.num_gpus:  # the job's CPUs, not the online encoder's threads
         update["torch_threads"] = max(1, math.ceil(settings.encoder_cpus))
     return spec.model_copy(update=update) if update else spec
 
@@ -374,7 +378,7 @@ def embed_dataset(
     )
     return preprocessed.map_batches(
         Encode, fn_constructor_kwargs={"spec": encoder_spec(spec, settings), "kind": kind,
-                                       "niceness": settings.niceness},
+                                       "niceness": settings.niceness, "idle": settings.idle},
         batch_format="pyarrow", batch_size=settings.batch_size, compute=ActorPoolStrategy(size=settings.concurrency),
         num_gpus=settings.num_gpus, num_cpus=settings.encoder_cpus,
     )

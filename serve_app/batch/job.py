@@ -305,16 +305,17 @@ class LinePreprocess:
     A failed input carries the online route's error instead."""
 
     def __init__(self, spec: ModelSpec, image_limits: ImageLimits, limits: RequestLimits,
-                 url_policy: ImageURLPolicy, niceness: int = 0) -> None:
+                 url_policy: ImageURLPolicy, niceness: int = 0, idle: bool = False) -> None:
+        from serve_app.batch.dataset import lower_priority
+
+        lower_priority(niceness, idle)  # before any import: loading is work too
         import torch
         from PIL import Image
 
-        from serve_app.batch.dataset import lower_priority
         from serve_app.fetch import ImageFetcher
         from serve_app.preprocess import ModelPreprocessing
 
         torch.set_num_threads(1)
-        lower_priority(niceness)
         Image.MAX_IMAGE_PIXELS = image_limits.max_image_pixels
         self.preprocessing = ModelPreprocessing(spec, image_limits)
         self.limits = limits
@@ -389,11 +390,12 @@ class LineEncode:
     """Encoder stage: one `EncoderCore` (the online encoder's model and forward passes) per actor; the rows that
     did not fail get their unit vector."""
 
-    def __init__(self, spec: ModelSpec, niceness: int = 0) -> None:
+    def __init__(self, spec: ModelSpec, niceness: int = 0, idle: bool = False) -> None:
         from serve_app.batch.dataset import lower_priority
+
+        lower_priority(niceness, idle)
         from serve_app.encoder import EncoderCore
 
-        lower_priority(niceness)
         self.core = EncoderCore(spec)
 
     def __call__(self, batch: "pa.Table") -> "pa.Table":
@@ -455,11 +457,12 @@ def execute(plan_path: str, filesystem: Any, spec: JobSpec, model_name: str, out
     ds = ds.map_batches(
         LinePreprocess, fn_constructor_kwargs={"spec": model, "image_limits": spec.image_limits,
                                                "limits": spec.limits, "url_policy": spec.url_policy,
-                                               "niceness": stages.niceness},
+                                               "niceness": stages.niceness, "idle": stages.idle},
         batch_format="pyarrow", batch_size=stages.preprocess_batch_size, num_cpus=cpus, compute=pool,
     )
     ds = ds.map_batches(
-        LineEncode, fn_constructor_kwargs={"spec": encoder_spec(model, stages), "niceness": stages.niceness},
+        LineEncode, fn_constructor_kwargs={"spec": encoder_spec(model, stages), "niceness": stages.niceness,
+                                           "idle": stages.idle},
         batch_format="pyarrow", batch_size=stages.batch_size, compute=ActorPoolStrategy(size=stages.concurrency),
         num_gpus=stages.num_gpus, num_cpus=stages.encoder_cpus,
     )

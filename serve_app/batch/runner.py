@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
@@ -47,6 +48,12 @@ def job_spec(settings: BatchAPISettings, models: list[ModelSpec], image_limits: 
     )
 
 
+def _job_thread(niceness: int, idle: bool) -> None:
+    from serve_app.batch.dataset import lower_priority
+
+    lower_priority(niceness, idle)
+
+
 class _Stop(Exception):
     pass
 
@@ -67,6 +74,10 @@ class BatchWork:
 
             self._keys = KeysFile(keys_file)
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Jobs run on a thread of their own, at the job's priority (Linux's is per thread): no other work of the
+        # runner's inherits it.
+        self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-job",
+                                        initializer=_job_thread, initargs=(settings.job.niceness, settings.job.idle))
         self._last_sweep = -float("inf")
 
     # ------------------------------------------------------------ the loop
@@ -131,7 +142,7 @@ class BatchWork:
         state = {"stop": None, "outcome": Outcome(), "done": False}
         beat = asyncio.create_task(self._heartbeat(batch_id, row["expires_at"], state))
         try:
-            await asyncio.to_thread(self._work_safely, row, state)
+            await asyncio.get_running_loop().run_in_executor(self._jobs, self._work_safely, row, state)
         except _Stop:
             pass
         except Exception as exc:
@@ -172,11 +183,8 @@ class BatchWork:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(DB_CALL_TIMEOUT_S)
 
     def _work_safely(self, row: dict[str, Any], state: dict[str, Any]) -> None:
-        """`_work` at the job's niceness (Linux's is per thread), whose failures all reach the caller: a
-        StopIteration crossing `to_thread` would leave its future pending for ever."""
-        from serve_app.batch.dataset import lower_priority
-
-        lower_priority(self.settings.job.niceness)
+        """`_work`, whose failures all reach the caller: a StopIteration crossing into the event loop would leave
+        its future pending for ever."""
         try:
             self._work(row, state)
         except StopIteration as exc:

@@ -19,11 +19,9 @@ one-process layout, the Batch API on, files and records in the work directory), 
 - priority: the online /v1/embeddings p50/p99 at a closed loop of `--concurrency` clients (single-image or
   single-text requests) for `--window` seconds without a batch, then with an image batch running (started and
   producing results before the window, sized from the throughput part's rate to outlast it; cancelled after).
-  The job's stages run at `--niceness`, with a fixed number of preprocessing actors. Ray starts every worker
-  process (the online replicas too) at its `worker_niceness`, 15 by default, and the stages' niceness is an
-  absolute value that is only ever raised: a niceness up to 15 changes nothing there (`--worker-niceness 0`
-  starts Ray's workers at 0, so that a niceness of 10 tells apart the stages from the online replicas). The
-  niceness each process was seen at is reported.
+  The job's stages run `--niceness` above the niceness Ray starts every worker at (its `worker_niceness`, 15 by
+  default, capped at 19; `--worker-niceness` sets Ray's), under SCHED_IDLE with `--idle`, with a fixed number
+  of preprocessing actors. The niceness each process was seen at is reported.
 - memory: text files of `--lines` lines each; while each runs, the RSS of the BatchRunner replica and of every
   process of the job (Ray Data's actors and the Ray workers running its read tasks) is sampled every
   `--sample-s` seconds from /proc; the peaks and their ratio across file sizes (flat: the job streams).
@@ -76,6 +74,7 @@ class BulkSettings:
     concurrency: int = 2
     online_payload: str = "image"  # image | text
     niceness: int = 10
+    idle: bool = False  # the stages under SCHED_IDLE
     worker_niceness: int | None = None  # RAY_worker_niceness of the server's Ray (None: Ray's default, 15)
     preprocess_concurrency: int = 1
     batch_size: int = 32  # the job's encoder batch and bare's batch size
@@ -458,7 +457,7 @@ def app_args(settings: BulkSettings, model: str, pretrained: str | None, workdir
                   "max_file_bytes": 1 << 30, "max_requests_per_file": biggest, "max_inputs_per_batch": biggest,
                   "job": {"batch_size": settings.batch_size, "concurrency": 1, "encoder_cpus": 0.5,
                           "preprocess_concurrency": settings.preprocess_concurrency, "preprocess_cpus": 0.25,
-                          "niceness": settings.niceness}},
+                          "niceness": settings.niceness, "idle": settings.idle}},
     })
     return merge_args(args, settings.app_args)
 

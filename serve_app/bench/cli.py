@@ -521,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     bulk.add_argument("--online-payload", default="image", choices=["image", "text"],
                       help="priority: what one online request carries (one item)")
     bulk.add_argument("--niceness", type=int, default=10, help="the job's stages' OS niceness (0: none)")
+    bulk.add_argument("--idle", action="store_true", help="the job's stages under SCHED_IDLE (Linux)")
     bulk.add_argument("--worker-niceness", type=int, default=None,
                       help="RAY_worker_niceness of the server's Ray: the niceness Ray starts every worker at, online "
                       "replicas included (default: Ray's, 15)")
@@ -561,7 +562,7 @@ def bulk_settings(args: argparse.Namespace) -> Any:
         model=None if args.tiny else args.model, pretrained=None if args.tiny else _pretrained(args.pretrained),
         threads=args.threads, images=args.images, texts=args.texts, width=width, height=height, lines=lines,
         window_s=args.window, warmup_s=args.warmup, concurrency=args.concurrency, online_payload=args.online_payload,
-        niceness=args.niceness, worker_niceness=args.worker_niceness,
+        niceness=args.niceness, idle=args.idle, worker_niceness=args.worker_niceness,
         preprocess_concurrency=args.preprocess_concurrency, batch_size=args.batch_size,
         encoding_format=args.encoding_format, parts=parts, sample_s=args.sample_s,
         bare_min_seconds=args.bare_min_seconds, job_timeout_s=args.job_timeout,

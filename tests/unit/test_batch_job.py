@@ -615,3 +615,34 @@ def test_a_batch_whose_runs_all_died_fails_instead_of_running_again(tmp_path: Pa
                                    attempts=BatchAPISettings().max_attempts)
     assert final["status"] == "failed" and executed == []
     assert json.loads(final["errors"])[0]["code"] == "job_failed"
+
+
+def test_lower_priority_is_relative_per_thread_and_can_be_idle() -> None:
+    """Ray starts workers at its own niceness (15): the stages' niceness adds to it (capped at 19), and SCHED_IDLE
+    puts them behind every other process. Only the calling thread changes (the runner's other threads do not)."""
+    import os
+    import threading
+
+    from serve_app.batch.dataset import lower_priority
+
+    before = os.nice(0)
+    seen = {}
+
+    def lowered() -> None:
+        lower_priority(3, idle=True)
+        seen["nice"], seen["policy"] = os.nice(0), os.sched_getscheduler(0)
+
+    thread = threading.Thread(target=lowered)
+    thread.start()
+    thread.join()
+    assert seen == {"nice": min(before + 3, 19), "policy": os.SCHED_IDLE}
+    assert os.nice(0) == before and os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+def test_the_jobs_encoder_threads_are_its_cpus_not_the_services() -> None:
+    from serve_app.batch.dataset import EmbedSettings, encoder_spec
+    from serve_app.config import ModelSpec
+
+    spec = ModelSpec(model="ViT-B-32", torch_threads=8)
+    assert encoder_spec(spec, EmbedSettings(encoder_cpus=2)).torch_threads == 2
+    assert encoder_spec(spec, EmbedSettings(num_gpus=1)).torch_threads == 8

@@ -455,7 +455,8 @@ def app_args(settings: BulkSettings, model: str, pretrained: str | None, workdir
         "tenancy": {"database_url": f"sqlite+aiosqlite:///{workdir / 'records.sqlite'}"},
         "batch": {"enabled": True, "storage": str(workdir / "store"), "poll_interval_s": 0.5,
                   "max_file_bytes": 1 << 30, "max_requests_per_file": biggest, "max_inputs_per_batch": biggest,
-                  "job": {"batch_size": settings.batch_size, "concurrency": 1, "encoder_cpus": 0.5,
+                  # the job's encoder gets bare's threads (its torch threads follow encoder_cpus)
+                  "job": {"batch_size": settings.batch_size, "concurrency": 1, "encoder_cpus": settings.threads,
                           "preprocess_concurrency": settings.preprocess_concurrency, "preprocess_cpus": 0.25,
                           "niceness": settings.niceness, "idle": settings.idle}},
     })

@@ -240,4 +240,6 @@ def test_the_service_runs_the_batch_api_with_the_benchmarks_job_stages(tmp_path)
     assert app.batch.max_requests_per_file == 60_000 and app.batch.max_inputs_per_batch == 60_000
     assert str(tmp_path) in app.tenancy.database_url
     # encoder 0.5 + runner 0.25 + 2 x 0.25 preprocessing + 0.5 encoder actor + 0.25 read
-    assert bulk.reserved_cpus(args) == pytest.approx(2.0)
+    assert app.batch.job.encoder_cpus == settings.threads  # the job's encoder threads: bare's
+    # encoder 0.5 + runner 0.25 + 2 preprocessing actors of 0.25 + the job's encoder + a read task of 0.25
+    assert bulk.reserved_cpus(args) == pytest.approx(1.5 + settings.threads)

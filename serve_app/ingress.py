@@ -105,8 +105,24 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
             metrics.count_rejected(path if path in KNOWN_ROUTES else "other", mapped.reason)
         return _json(mapped.body, mapped.status_code, mapped.headers)
     # Starlette's own headers (a 405's `Allow`) go out with our body
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(_allowed_methods(request.scope))
     return _json(error_body(exc.status_code, str(exc.detail), "invalid_request_error").body, exc.status_code,
-                 dict(exc.headers or {}))
+                 headers)
+
+
+def _allowed_methods(scope: Any) -> list[str]:
+    """Every method some route serves at this path: Starlette's `Allow` names only the first route's, and a path
+    such as /v1/files has one route per method."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in app.routes:
+        match, _ = route.matches(scope)
+        if match in (Match.FULL, Match.PARTIAL):
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 FILES_PREFIX = "/v1/files"

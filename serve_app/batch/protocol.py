@@ -1,14 +1,12 @@
 """Wire types of the Files and Batch API, as the openai SDK's `FileObject` and `Batch` (openai-python's types)."""
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, StringConstraints
 
 from serve_app.protocol import WireModel
 
-BATCH_ENDPOINTS = ("/v1/embeddings",)
-COMPLETION_WINDOWS = ("24h",)
 WINDOW_SECONDS = {"24h": 24 * 3600}
 
 
@@ -116,33 +114,8 @@ class ListPage(BaseModel):
 
 class BatchCreate(WireModel):
     input_file_id: str = Field(max_length=128)
-    endpoint: str
-    completion_window: str
-    metadata: dict[str, str] | None = None
-
-    @field_validator("endpoint")
-    @classmethod
-    def _endpoint(cls, value: str) -> str:
-        if value not in BATCH_ENDPOINTS:
-            raise ValueError(f"endpoint must be one of {', '.join(BATCH_ENDPOINTS)} on this server")
-        return value
-
-    @field_validator("completion_window")
-    @classmethod
-    def _window(cls, value: str) -> str:
-        if value not in COMPLETION_WINDOWS:
-            raise ValueError(f"completion_window must be one of {', '.join(COMPLETION_WINDOWS)}")
-        return value
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        """OpenAI's bounds: 16 pairs, keys up to 64 characters, values up to 512."""
-        if value is None:
-            return value
-        if len(value) > 16:
-            raise ValueError("metadata holds at most 16 key-value pairs")
-        for key, item in value.items():
-            if len(key) > 64 or len(item) > 512:
-                raise ValueError("metadata keys are at most 64 characters and values at most 512")
-        return value
+    endpoint: Literal["/v1/embeddings"] = Field(description="the only endpoint batches serve here")
+    completion_window: Literal["24h"]
+    # OpenAI's bounds: 16 pairs, keys up to 64 characters, values up to 512
+    metadata: dict[Annotated[str, StringConstraints(max_length=64)],
+                   Annotated[str, StringConstraints(max_length=512)]] | None = Field(default=None, max_length=16)

@@ -118,6 +118,24 @@ class QuotaExceeded(ServeAppError):
         self.headers = {"x-should-retry": "false"}
 
 
+class TooManyBatches(ServeAppError):
+    """A key's unfinished batches are at `batch.max_active_batches_per_key`."""
+
+    status_code = 429
+    error_type = "invalid_request_error"
+    code = "batch_limit_exceeded"
+    reason = "batch_limit"
+
+
+class StorageQuotaExceeded(ServeAppError):
+    """A key keeps `batch.max_files_per_key` files, or an upload would pass `max_stored_bytes_per_key`."""
+
+    status_code = 429
+    error_type = "invalid_request_error"
+    code = "storage_quota_exceeded"
+    reason = "storage_quota"
+
+
 class Unavailable(ServeAppError):
     status_code = 503
     error_type = "server_error"

@@ -196,7 +196,11 @@ class Preprocess:
                 for i in urls:
                     errors[i] = "image URLs are not fetched (image_url_policy off)"
             else:
-                for i, result in zip(urls, asyncio.run(self._fetch_all([values[i] for i in urls]))):
+                limits = self.settings.limits
+                fetched = asyncio.run(fetch_images(self.fetcher, [values[i] for i in urls], [ID] * len(urls),
+                                                   limits.url_fetches_per_request,
+                                                   self.settings.image_limits.max_image_bytes))
+                for i, result in zip(urls, fetched):
                     if isinstance(result, BaseException):
                         errors[i] = _reason(result)
                     elif not result:
@@ -219,18 +223,6 @@ class Preprocess:
             raise PayloadTooLarge(f"image is larger than the {limit} byte limit")
         with filesystem.open_input_file(where) as f:
             return f.read()
-
-    async def _fetch_all(self, urls: list[str]) -> list[Any]:
-        from serve_app.fetch import Budget
-
-        slots = asyncio.Semaphore(self.settings.limits.url_fetches_per_request)
-        limit = self.settings.image_limits.max_image_bytes
-
-        async def fetch(url: str) -> bytes:
-            async with slots:
-                return await self.fetcher.fetch(url, ID, Budget(limit, ID))
-
-        return await asyncio.gather(*(fetch(url) for url in urls), return_exceptions=True)
 
     # ---------------------------------------------------------------- texts
 
@@ -295,6 +287,20 @@ class Encode:
         out = batch.drop_columns([column]).append_column(EMBEDDING, embedding_column(ok, vectors))
         # `id` and `embedding` first and `error` last, the metadata between
         return out.select([ID, EMBEDDING, *[c for c in out.column_names if c not in OUTPUT_COLUMNS], ERROR])
+
+
+async def fetch_images(fetcher: Any, urls: list[str], params: list[str], at_once: int, max_bytes: int) -> list[Any]:
+    """Each URL's bytes, or the exception that ended its fetch: the online preprocessor's `ImageFetcher` (its URL
+    policy, timeouts and redirects), `at_once` fetches at a time, each within `max_bytes`."""
+    from serve_app.fetch import Budget
+
+    slots = asyncio.Semaphore(at_once)
+
+    async def fetch(url: str, param: str) -> bytes:
+        async with slots:
+            return await fetcher.fetch(url, param, Budget(max_bytes, param))
+
+    return await asyncio.gather(*(fetch(u, p) for u, p in zip(urls, params)), return_exceptions=True)
 
 
 def lower_priority(niceness: int, idle: bool = False) -> None:

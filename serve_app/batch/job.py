@@ -11,19 +11,19 @@
    plan's order, and reassembles each line's inputs into the body `/v1/embeddings` answers (`embedding_response`).
    An input that fails (an image that does not decode) fails its line with the online route's error.
 
-The caller (serve_app/batch/runner.py) owns the batch's record: `Progress` is how this module reports to it and
-learns that it must stop (cancelled, expired, lease lost).
+The caller (serve_app/batch/runner.py) owns the batch's record: it reads the counts from `Outcome` as they move,
+and `execute`'s `should_stop` tells this module that it must stop (cancelled, expired, lease lost).
 """
 
 import json
 import logging
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
+from ray.data import Datasource
 
 from serve_app.config import ImageLimits, ImageURLPolicy, JobStages, ModelSpec, Price, RequestLimits
 from serve_app.errors import ServeAppError, error_payload, validation_failure
@@ -86,23 +86,6 @@ class Outcome:
     input_tokens: int = 0
     images: int = 0
     stopped: str | None = None  # why the run stopped early: "cancelling", "expired", "lost"
-
-
-class Progress:
-    """How the job reports to its runner: `tick(completed, failed)` at most once per `interval_s`, answering the
-    reason to stop (or None)."""
-
-    def __init__(self, report: Callable[[int, int], str | None], interval_s: float = 1.0) -> None:
-        self._report = report
-        self._interval_s = interval_s
-        self._last = 0.0
-
-    def tick(self, completed: int, failed: int, force: bool = False) -> str | None:
-        now = time.monotonic()
-        if not force and now - self._last < self._interval_s:
-            return None
-        self._last = now
-        return self._report(completed, failed)
 
 
 def _error_line(custom_id: Any, status: int, body: dict[str, Any]) -> bytes:
@@ -330,6 +313,8 @@ class LinePreprocess:
         import numpy as np
         import pyarrow as pa
 
+        from serve_app.batch.dataset import fetch_images
+        from serve_app.errors import InvalidRequest
         from serve_app.inputs import is_url
 
         kinds = batch.column("kind").to_pylist()
@@ -345,7 +330,9 @@ class LinePreprocess:
                 work[i] = tokens.tokens[row].numpy().astype(np.int64).tobytes()
                 used[i] = tokens.token_counts[row]
         urls = [i for i, k in enumerate(kinds) if k == "image" and is_url(values[i])]
-        fetched = asyncio.run(self._fetch([values[i] for i in urls], [params[i] for i in urls])) if urls else []
+        fetched = asyncio.run(fetch_images(
+            self.fetcher, [values[i] for i in urls], [params[i] for i in urls], self.limits.url_fetches_per_request,
+            self.image_limits.max_image_bytes)) if urls else []
         items: dict[int, Any] = dict(zip(urls, fetched))
         for i, kind in enumerate(kinds):
             if kind != "image":
@@ -354,6 +341,8 @@ class LinePreprocess:
                 item = items.get(i, values[i])
                 if isinstance(item, BaseException):
                     raise item
+                if not item:  # a fetched image with no body (an inline one is never empty: validation)
+                    raise InvalidRequest("image URL returned an empty body", param=params[i])
                 work[i] = np.ascontiguousarray(self.preprocessing.pixels(item, params[i])).tobytes()
             except Exception as exc:  # this input's line fails with the online route's answer
                 mapped = error_payload(exc)
@@ -362,31 +351,6 @@ class LinePreprocess:
                 .append_column(_WORK, pa.array(work, type=pa.large_binary()))
                 .append_column(_TOKENS_USED, pa.array(used, type=pa.int32()))
                 .append_column(_FAILURE, pa.array(failures, type=pa.string())))
-
-    async def _fetch(self, urls: list[str], params: list[str]) -> list[Any]:
-        from serve_app.fetch import Budget
-
-        slots = asyncio_semaphore(self.limits.url_fetches_per_request)
-
-        async def fetch(url: str, param: str) -> Any:
-            async with slots:
-                raw = await self.fetcher.fetch(url, param, Budget(self.image_limits.max_image_bytes, param))
-                if not raw:
-                    from serve_app.errors import InvalidRequest
-
-                    raise InvalidRequest("image URL returned an empty body", param=param)
-                return raw
-
-        import asyncio
-
-        return await asyncio.gather(*(fetch(u, p) for u, p in zip(urls, params)), return_exceptions=True)
-
-
-def asyncio_semaphore(count: int) -> Any:
-    import asyncio
-
-    return asyncio.Semaphore(count)
-
 
 class LineEncode:
     """Encoder stage: one `EncoderCore` (the online encoder's model and forward passes) per actor; the rows that
@@ -435,7 +399,7 @@ class LineEncode:
 
 
 def execute(plan_path: str, filesystem: Any, spec: JobSpec, model_name: str, output: Any, errors_out: Any,
-            progress: Progress, outcome: Outcome) -> Outcome:
+            should_stop: Callable[[], str | None], outcome: Outcome) -> Outcome:
     """Streams the plan through the two stages and writes each line's answer as it completes, in the plan's
     order; `outcome` counts as it goes (what was done before a stop is kept and billed)."""
     import numpy as np
@@ -501,7 +465,7 @@ def execute(plan_path: str, filesystem: Any, spec: JobSpec, model_name: str, out
                 outcome.completed += 1
                 outcome.input_tokens += tokens
                 outcome.images += sum(x["kind"] == "image" for x in line)
-            stop = progress.tick(outcome.completed, outcome.failed)
+            stop = should_stop()
             if stop:
                 outcome.stopped = stop
                 break
@@ -512,13 +476,7 @@ def execute(plan_path: str, filesystem: Any, spec: JobSpec, model_name: str, out
     return outcome
 
 
-def _plan_source_base() -> type:
-    from ray.data import Datasource
-
-    return Datasource
-
-
-class PlanSource(_plan_source_base()):  # type: ignore[misc]
+class PlanSource(Datasource):
     """The plan's row groups, in order, a few per read task. (`read_parquet` would first list the file in a task
     of a whole CPU, which a cluster busy serving may not have free.)"""
 

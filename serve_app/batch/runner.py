@@ -10,7 +10,6 @@ results so far kept), and files past their retention are deleted.
 import asyncio
 import logging
 import os
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ from typing import Any
 
 from ray import serve
 
-from serve_app.batch.job import JobSpec, Outcome, Progress, cost, cost_bound, execute, plan_schema, validate
+from serve_app.batch.job import JobSpec, Outcome, cost, cost_bound, execute, plan_schema, validate
 from serve_app.batch.records import BatchRecords, dumps, now_s
 from serve_app.batch.store import FileStore
 from serve_app.config import BatchAPISettings, ImageLimits, ImageURLPolicy, ModelSpec, RequestLimits, TenancySettings
@@ -231,9 +230,8 @@ class BatchWork:
                     raise _Stop()
                 with self.store.open_output(output_name) as output:
                     if validated.inputs and started["status"] == "in_progress":
-                        progress = Progress(lambda completed, failed: state["stop"], interval_s=0.0)
                         execute(self.store.path(plan_name), self.store.filesystem, self.spec, validated.model,
-                                output, errors_out, progress, outcome)
+                                output, errors_out, lambda: state["stop"], outcome)
                     elif started["status"] != "in_progress":  # cancelled while it was validated
                         outcome.stopped = started["status"]
             handed_on = True
@@ -327,5 +325,5 @@ class BatchRunner:
         self._ensure_started()
 
     async def info(self) -> dict[str, Any]:
-        return {"runner": self.work.id, "pid": os.getpid(), "thread": threading.get_ident()}
+        return {"runner": self.work.id, "pid": os.getpid()}
 

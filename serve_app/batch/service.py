@@ -16,24 +16,10 @@ from serve_app.batch.protocol import (
 from serve_app.batch.records import TERMINAL, BatchRecords, dumps, now_s
 from serve_app.batch.store import FileStore
 from serve_app.config import BatchAPISettings
-from serve_app.errors import InvalidRequest, NotFound, PayloadTooLarge, ServeAppError
+from serve_app.errors import InvalidRequest, NotFound, PayloadTooLarge, StorageQuotaExceeded, TooManyBatches
 from serve_app.tenancy import gate as tenancy_gate
 
 MAX_FILENAME_CHARS = 256
-
-
-class TooManyBatches(ServeAppError):
-    status_code = 429
-    error_type = "invalid_request_error"
-    code = "batch_limit_exceeded"
-    reason = "batch_limit"
-
-
-class StorageQuotaExceeded(ServeAppError):
-    status_code = 429
-    error_type = "invalid_request_error"
-    code = "storage_quota_exceeded"
-    reason = "storage_quota"
 
 
 def owner() -> str:

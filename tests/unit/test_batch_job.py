@@ -490,7 +490,7 @@ def run_batch(tmp_path: Path, spec: JobSpec, lines: list[bytes], during_validati
     store = FileStore(str(tmp_path / "store"))
     executed: list[str] = []
 
-    def fake_execute(plan_path, filesystem, spec, model_name, output, errors_out, progress, outcome: Outcome):
+    def fake_execute(plan_path, filesystem, spec, model_name, output, errors_out, should_stop, outcome: Outcome):
         executed.append(model_name)
         return outcome
 

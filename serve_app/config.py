@@ -398,7 +398,8 @@ class JobStages(StrictModel):
     )
     preprocess_cpus: float = Field(default=1, gt=0, description="CPUs per preprocessing actor, when their number "
                                    "is set")
-    preprocess_batch_size: int = Field(default=16, ge=1, le=4096, description="rows per preprocessing call")
+    preprocess_batch_size: int = Field(default=16, ge=1, le=4096, description="rows per preprocessing call (a "
+                                       "dataset job's; a batch's stages take a plan row group a call)")
     niceness: int = Field(
         default=0, ge=0, le=19,
         description="raised by this much over the niceness Ray starts its workers at (`RAY_worker_niceness`, the "
@@ -441,6 +442,10 @@ class BatchAPISettings(StrictModel):
     max_attempts: int = Field(default=3, ge=1, description="runs of a batch before it is marked failed")
     poll_interval_s: float = Field(default=1.0, gt=0, le=10, description="how often runners look for work")
     sweep_interval_s: float = Field(default=60, gt=0, description="how often a runner deletes expired files")
+    keep_warm_s: float = Field(
+        default=600, ge=0, description="a runner's stages (Ray Data actors: their CPUs or GPU, the model in memory) "
+        "stay up this long after a batch, so the next batch does not wait for them to start",
+    )
     runner: PoolSettings = Field(
         default_factory=lambda: PoolSettings(num_replicas=1, num_cpus=0.25, max_ongoing_requests=4),
         description="the BatchRunner deployment (it drives jobs; their stages are Ray Data's actors)",

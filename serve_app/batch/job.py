@@ -6,10 +6,11 @@
    OpenAI's validation does. A line whose body the online route would refuse is answered then and there, in the
    error file, with the online route's error. Every other line becomes rows of a plan (one row per input) in
    Parquet, beside the outputs in the store.
-2. `execute` streams the plan through Ray Data: `LinePreprocess` (CPU actors: the online preprocessing's
-   `ModelPreprocessing` and URL fetcher) and `LineEncode` (actors of the online encoder's `EncoderCore`), in the
-   plan's order, and reassembles each line's inputs into the body `/v1/embeddings` answers (`embedding_response`).
-   An input that fails (an image that does not decode) fails its line with the online route's error.
+2. `execute` feeds the plan, a row group at a time, to the runner's warm Ray Data stages (serve_app/batch/pipeline.py):
+   `LinePreprocess` (CPU actors: the online preprocessing's `ModelPreprocessing` and URL fetcher) and `LineEncode`
+   (actors of the online encoder's `EncoderCore`), in the plan's order, and reassembles each line's inputs into the
+   body `/v1/embeddings` answers (`embedding_response`). An input that fails (an image that does not decode) fails
+   its line with the online route's error.
 
 The caller (serve_app/batch/runner.py) owns the batch's record: it reads the counts from `Outcome` as they move,
 and `execute`'s `should_stop` tells this module that it must stop (cancelled, expired, lease lost).
@@ -23,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
-from ray.data import Datasource
 
 from serve_app.config import ImageLimits, ImageURLPolicy, JobStages, ModelSpec, Price, RequestLimits
 from serve_app.errors import ServeAppError, error_payload, validation_failure
@@ -31,12 +31,15 @@ from serve_app.errors import ServeAppError, error_payload, validation_failure
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from serve_app.batch.pipeline import StagePipeline
+
 logger = logging.getLogger(__name__)
 
 MAX_CUSTOM_ID_CHARS = 512
 MAX_REPORTED_ERRORS = 100
-# Rows of a plan's row group: Ray Data's unit of work between the stages, whose answers reach the runner (and
-# count, and can stop) a group at a time; 128 images' pixels are 19 MB at 224x224.
+# Rows of a plan's row group, at least: the unit of work of the stages (one call of each), whose answers reach the
+# runner (and count, and can stop) a group at a time; a group ends between lines. 128 images' pixels are 19 MB at
+# 224x224. A larger encoder batch (`job.batch_size`) makes groups that large.
 PLAN_ROWS_PER_GROUP = 128
 # Columns of the plan: one row per input, lines in file order, a line's inputs in order.
 PLAN_SCHEMA_FIELDS = (
@@ -137,6 +140,7 @@ def validate(lines: Iterator[bytes], spec: JobSpec, plan: Any, errors_out: Any) 
     seen: set[str] = set()
     rows: dict[str, list[Any]] = {name: [] for name, _ in PLAN_SCHEMA_FIELDS}
     schema = plan_schema()
+    group_rows = max(PLAN_ROWS_PER_GROUP, spec.stages.batch_size)
 
     def flush() -> None:
         if rows["line"]:
@@ -243,7 +247,7 @@ def validate(lines: Iterator[bytes], spec: JobSpec, plan: Any, errors_out: Any) 
                     result.token_bound += token_bound(item.text, context)
                 elif isinstance(item, ImageInput):
                     result.images += 1
-            if len(rows["line"]) >= PLAN_ROWS_PER_GROUP:
+            if len(rows["line"]) >= group_rows:
                 flush()
     except LineTooLong as exc:
         error(exc.line, "line_too_long", str(exc))
@@ -335,6 +339,8 @@ class LinePreprocess:
             self.image_limits.max_image_bytes)) if urls else []
         items: dict[int, Any] = dict(zip(urls, fetched))
         for i, kind in enumerate(kinds):
+            if kind == "end":  # the pipeline's end row (serve_app/batch/pipeline.py): no work, no vector
+                failures[i] = json.dumps([0, None])
             if kind != "image":
                 continue
             try:
@@ -356,13 +362,14 @@ class LineEncode:
     """Encoder stage: one `EncoderCore` (the online encoder's model and forward passes) per actor; the rows that
     did not fail get their unit vector."""
 
-    def __init__(self, spec: ModelSpec, niceness: int = 0, idle: bool = False) -> None:
+    def __init__(self, spec: ModelSpec, batch_size: int, niceness: int = 0, idle: bool = False) -> None:
         from serve_app.batch.dataset import lower_priority
 
         lower_priority(niceness, idle)
         from serve_app.encoder import EncoderCore
 
         self.core = EncoderCore(spec)
+        self.batch_size = batch_size
 
     def __call__(self, batch: "pa.Table") -> "pa.Table":
         import numpy as np
@@ -378,19 +385,21 @@ class LineEncode:
             rows = np.flatnonzero(ok & (kinds == kind))
             if not len(rows):
                 continue
-            if kind == "image":
-                shape = (3, *self.core.image_size)
-                data = torch.from_numpy(np.stack([np.frombuffer(work[i], dtype=np.uint8).reshape(shape)
-                                                  for i in rows]))
-                self.core.check_pixels(data)
-                out = self.core.encode_images(data)
-            else:
-                data = torch.from_numpy(np.stack([np.frombuffer(work[i], dtype=np.int64) for i in rows]))
-                self.core.check_tokens(data)
-                out = self.core.encode_texts(data)
-            if vectors is None:
-                vectors = np.zeros((len(kinds), out.shape[1]), dtype=np.float32)
-            vectors[rows] = out
+            for start in range(0, len(rows), self.batch_size):  # forward passes of at most batch_size rows
+                chunk = rows[start:start + self.batch_size]
+                if kind == "image":
+                    shape = (3, *self.core.image_size)
+                    data = torch.from_numpy(np.stack([np.frombuffer(work[i], dtype=np.uint8).reshape(shape)
+                                                      for i in chunk]))
+                    self.core.check_pixels(data)
+                    out = self.core.encode_images(data)
+                else:
+                    data = torch.from_numpy(np.stack([np.frombuffer(work[i], dtype=np.int64) for i in chunk]))
+                    self.core.check_tokens(data)
+                    out = self.core.encode_texts(data)
+                if vectors is None:
+                    vectors = np.zeros((len(kinds), out.shape[1]), dtype=np.float32)
+                vectors[chunk] = out
         kept = vectors[ok] if vectors is not None else np.zeros((0, 0), dtype=np.float32)
         return batch.drop_columns([_WORK]).append_column("embedding", embedding_column(ok, kept))
 
@@ -398,130 +407,83 @@ class LineEncode:
 # ---------------------------------------------------------------- 3. running the plan
 
 
-def execute(plan_path: str, filesystem: Any, spec: JobSpec, model_name: str, output: Any, errors_out: Any,
+def execute(stages: "StagePipeline", plan_path: str, filesystem: Any, output: Any, errors_out: Any,
             should_stop: Callable[[], str | None], outcome: Outcome) -> Outcome:
-    """Streams the plan through the two stages and writes each line's answer as it completes, in the plan's
-    order; `outcome` counts as it goes (what was done before a stop is kept and billed)."""
-    import numpy as np
-    import ray.data
-    from ray.data import ActorPoolStrategy, DataContext
+    """Feeds the plan's row groups to the warm stages (serve_app/batch/pipeline.py) and writes each line's answer
+    as its group comes back, in the plan's order; `outcome` counts as it goes (what was done before a stop is kept
+    and billed)."""
+    import pyarrow.parquet as pq
 
-    from serve_app.batch.dataset import IO_CPUS, encoder_spec, preprocess_pool
-    from serve_app.serving import Embedded, embedding_response
-
-    model = next((s for s in spec.models if s.name == model_name), None)
-    if model is None:  # validation lets no line of an unserved model through
-        raise ValueError(f"model {model_name!r} is not served")
-    context = DataContext.get_current()
-    context.execution_options.preserve_order = True  # a line's inputs arrive together, lines in file order
-    context.enable_progress_bars = False
-    stages = spec.stages
-    actors, cpus = preprocess_pool(stages)
-    pool = ActorPoolStrategy(size=actors) if isinstance(actors, int) else \
-        ActorPoolStrategy(min_size=actors[0], max_size=actors[1])
-    ds = ray.data.read_datasource(PlanSource(plan_path, filesystem), ray_remote_args={"num_cpus": IO_CPUS})
-    ds = ds.map_batches(
-        LinePreprocess, fn_constructor_kwargs={"spec": model, "image_limits": spec.image_limits,
-                                               "limits": spec.limits, "url_policy": spec.url_policy,
-                                               "niceness": stages.niceness, "idle": stages.idle},
-        batch_format="pyarrow", batch_size=stages.preprocess_batch_size, num_cpus=cpus, compute=pool,
-    )
-    ds = ds.map_batches(
-        LineEncode, fn_constructor_kwargs={"spec": encoder_spec(model, stages), "niceness": stages.niceness,
-                                           "idle": stages.idle},
-        batch_format="pyarrow", batch_size=stages.batch_size, compute=ActorPoolStrategy(size=stages.concurrency),
-        num_gpus=stages.num_gpus, num_cpus=stages.encoder_cpus,
-    )
-    served = _Named(model_name)
+    with filesystem.open_input_file(plan_path) as f:
+        metadata = pq.ParquetFile(f).metadata
+    groups, expected = metadata.num_row_groups, metadata.num_rows
+    tag = stages.new_run()
+    served = _Named(stages.model_name)
+    fed = received = 0
     pending: list[dict[str, Any]] = []  # the current line's inputs so far
-    batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
     try:
-        for batch in batches:
-            columns = {name: batch.column(name).to_pylist() for name in
-                       ("line", "custom_id", "index", "count", "encoding_format", "kind", _TOKENS_USED, _FAILURE)}
-            embedding = batch.column("embedding")
-            for r in range(batch.num_rows):
-                pending.append({name: values[r] for name, values in columns.items()} | {"row": embedding[r]})
-                if len(pending) < pending[0]["count"]:
-                    continue
-                line, pending = pending, []
-                failure = next((x[_FAILURE] for x in line if x[_FAILURE] is not None), None)
-                if failure is not None:
-                    status, body = json.loads(failure)
-                    errors_out.write(_error_line(line[0]["custom_id"], status, body))
-                    outcome.failed += 1
-                    # the line's other inputs were encoded all the same: billed, as the online route bills work
-                    # done before a failure
-                    done = [x for x in line if x[_FAILURE] is None]
-                    outcome.input_tokens += sum(x[_TOKENS_USED] for x in done)
-                    outcome.images += sum(x["kind"] == "image" for x in done)
-                    continue
-                vectors = np.stack([np.asarray(x["row"].values.to_numpy(zero_copy_only=False), dtype=np.float32)
-                                    for x in line])
-                tokens = sum(x[_TOKENS_USED] for x in line)
-                embedded = Embedded(vectors=vectors, prompt_tokens=tokens)
-                body = embedding_response(served, embedded, line[0]["encoding_format"]).model_dump_json()
-                output.write(_ok_line(line[0]["custom_id"], body))
-                outcome.completed += 1
-                outcome.input_tokens += tokens
-                outcome.images += sum(x["kind"] == "image" for x in line)
+        while received < expected:
             stop = should_stop()
             if stop:
                 outcome.stopped = stop
                 break
+            while fed < groups and stages.put(tag, plan_path, filesystem, fed):
+                fed += 1
+            batch = stages.take(tag, TAKE_TIMEOUT_S)
+            if batch is None:
+                continue
+            received += batch.num_rows
+            pending = _write_lines(batch, pending, served, output, errors_out, outcome)
     finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()  # stops the streaming executor and its actors
+        if received < expected:
+            stages.drop_queued()
     return outcome
 
 
-class PlanSource(Datasource):
-    """The plan's row groups, in order, a few per read task. (`read_parquet` would first list the file in a task
-    of a whole CPU, which a cluster busy serving may not have free.)"""
-
-    def __init__(self, path: str, filesystem: Any) -> None:
-        super().__init__()
-        import pyarrow.parquet as pq
-
-        self.path = path
-        self.filesystem = filesystem
-        with filesystem.open_input_file(path) as f:
-            metadata = pq.ParquetFile(f).metadata
-        self.groups = [(metadata.row_group(i).num_rows, metadata.row_group(i).total_byte_size)
-                       for i in range(metadata.num_row_groups)]
-
-    def estimate_inmemory_data_size(self) -> int:
-        return sum(size for _, size in self.groups)
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                       data_context: Any = None) -> list[Any]:
-        from ray.data.block import BlockMetadata
-        from ray.data.datasource import ReadTask
-
-        count = max(1, min(parallelism, len(self.groups)))
-        bounds = [round(i * len(self.groups) / count) for i in range(count + 1)]
-        tasks = []
-        for start, stop in zip(bounds, bounds[1:]):
-            if start == stop:
-                continue
-            rows = sum(n for n, _ in self.groups[start:stop])
-            size = sum(b for _, b in self.groups[start:stop])
-            tasks.append(ReadTask(_group_reader(self.path, self.filesystem, start, stop),
-                                  BlockMetadata(num_rows=rows, size_bytes=size, input_files=None, exec_stats=None)))
-        return tasks
+# How long `execute` waits for the stages between looks at `should_stop`.
+TAKE_TIMEOUT_S = 0.5
 
 
-def _group_reader(path: str, filesystem: Any, start: int, stop: int) -> Callable[[], Iterator["pa.Table"]]:
-    def read() -> Iterator["pa.Table"]:
-        import pyarrow.parquet as pq
+def _write_lines(batch: "pa.Table", pending: list[dict[str, Any]], served: "_Named", output: Any, errors_out: Any,
+                 outcome: Outcome) -> list[dict[str, Any]]:
+    """Each complete line of `batch` (after the inputs of `pending`) answered; returns the incomplete line's rows."""
+    import numpy as np
 
-        with filesystem.open_input_file(path) as f:
-            reader = pq.ParquetFile(f)
-            for group in range(start, stop):
-                yield reader.read_row_group(group)
+    from serve_app.serving import Embedded, embedding_response
 
-    return read
+    columns = {name: batch.column(name).to_pylist() for name in
+               ("custom_id", "count", "encoding_format", "kind", _TOKENS_USED, _FAILURE)}
+    embedding = batch.column("embedding").combine_chunks()
+    ok = np.asarray(embedding.is_valid(), dtype=bool)
+    width = len(embedding[int(np.argmax(ok))]) if ok.any() else 0
+    dense = np.asarray(embedding.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, width) \
+        if width else np.zeros((0, 0), dtype=np.float32)
+    position = np.cumsum(ok) - 1  # row -> its vector's row in `dense`
+    for r in range(batch.num_rows):
+        pending.append({name: values[r] for name, values in columns.items()} |
+                       {"vector": dense[position[r]] if ok[r] else None})
+        if len(pending) < pending[0]["count"]:
+            continue
+        line, pending = pending, []
+        failure = next((x[_FAILURE] for x in line if x[_FAILURE] is not None), None)
+        if failure is not None:
+            status, body = json.loads(failure)
+            errors_out.write(_error_line(line[0]["custom_id"], status, body))
+            outcome.failed += 1
+            # the line's other inputs were encoded all the same: billed, as the online route bills work done
+            # before a failure
+            done = [x for x in line if x[_FAILURE] is None]
+            outcome.input_tokens += sum(x[_TOKENS_USED] for x in done)
+            outcome.images += sum(x["kind"] == "image" for x in done)
+            continue
+        tokens = sum(x[_TOKENS_USED] for x in line)
+        embedded = Embedded(vectors=np.stack([x["vector"] for x in line]), prompt_tokens=tokens)
+        body = embedding_response(served, embedded, line[0]["encoding_format"]).model_dump_json()
+        output.write(_ok_line(line[0]["custom_id"], body))
+        outcome.completed += 1
+        outcome.input_tokens += tokens
+        outcome.images += sum(x["kind"] == "image" for x in line)
+    return pending
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from typing import Any
 
 from ray import serve
 
-from serve_app.batch.job import JobSpec, Outcome, cost, cost_bound, execute, plan_schema, validate
+from serve_app.batch.job import PLAN_ROWS_PER_GROUP, JobSpec, Outcome, cost, cost_bound, execute, plan_schema, validate
+from serve_app.batch.pipeline import READS_PER_EXECUTION, StagePipeline
 from serve_app.batch.records import BatchRecords, dumps, now_s
 from serve_app.batch.store import FileStore
 from serve_app.config import BatchAPISettings, ImageLimits, ImageURLPolicy, ModelSpec, RequestLimits, TenancySettings
@@ -78,6 +79,7 @@ class BatchWork:
         self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-job",
                                         initializer=_job_thread, initargs=(settings.job.niceness, settings.job.idle))
         self._last_sweep = -float("inf")
+        self._stages: StagePipeline | None = None  # warm between batches; used on the job thread only
 
     # ------------------------------------------------------------ the loop
 
@@ -88,6 +90,7 @@ class BatchWork:
             while True:
                 try:
                     if not await self.step():
+                        await self._cool()
                         await asyncio.sleep(self.settings.poll_interval_s)
                 except asyncio.CancelledError:
                     raise
@@ -114,6 +117,35 @@ class BatchWork:
             return False
         await self.run(row)
         return True
+
+    async def _cool(self) -> None:
+        """The warm stages let go after `keep_warm_s` without a batch: their actors hold CPUs (a GPU) meanwhile."""
+        stages = self._stages
+        if stages is not None and stages.idle_s() >= self.settings.keep_warm_s:
+            await asyncio.get_running_loop().run_in_executor(self._jobs, self._close_stages)
+
+    def _stages_for(self, model: str) -> StagePipeline:
+        """The warm stages for `model`, started anew where there are none, they serve another model, they failed,
+        or their execution has too few read tasks left for a whole batch."""
+        stages = self._stages
+        most_groups = self.spec.max_inputs_per_batch // PLAN_ROWS_PER_GROUP + 2  # and the end row
+        if stages is not None and (not stages.alive or stages.model_name != model
+                                   or stages.reads_left() < most_groups):
+            self._close_stages()
+            stages = None
+        if stages is None:
+            stages = self._stages = StagePipeline(self.spec, model, thread_init=self._thread_init)
+            logger.info("batch stages for %s starting (%s per execution)", model, READS_PER_EXECUTION)
+        return stages
+
+    def _thread_init(self) -> None:
+        _job_thread(self.settings.job.niceness, self.settings.job.idle)
+
+    def _close_stages(self) -> None:
+        stages, self._stages = self._stages, None
+        if stages is not None:
+            stages.close()
+            logger.info("batch stages for %s stopped", stages.model_name)
 
     async def sweep(self) -> None:
         """Files past their retention deleted, rows first (a download that starts later finds no file), then
@@ -199,6 +231,8 @@ class BatchWork:
             self._call(self._fail(row, "file_not_found", "the input file was deleted before the batch ran"))
             return
         plan_name, output_name, errors_name = f"{base}/plan.parquet", f"{base}/output.jsonl", f"{base}/errors.jsonl"
+        # the stages start (or stay warm) while the file is validated: most batches name the model served first
+        self._stages_for(self._stages.model_name if self._stages is not None else self.spec.models[0].name)
         outcome: Outcome = state["outcome"]
         handed_on = False  # the outputs belong to `_end` once the run is over; else they are deleted here
         try:
@@ -230,8 +264,13 @@ class BatchWork:
                     raise _Stop()
                 with self.store.open_output(output_name) as output:
                     if validated.inputs and started["status"] == "in_progress":
-                        execute(self.store.path(plan_name), self.store.filesystem, self.spec, validated.model,
-                                output, errors_out, lambda: state["stop"], outcome)
+                        stages = self._stages_for(validated.model)
+                        try:
+                            execute(stages, self.store.path(plan_name), self.store.filesystem, output, errors_out,
+                                    lambda: state["stop"], outcome)
+                        except Exception:
+                            self._close_stages()  # the next batch starts them anew
+                            raise
                     elif started["status"] != "in_progress":  # cancelled while it was validated
                         outcome.stopped = started["status"]
             handed_on = True

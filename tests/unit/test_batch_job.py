@@ -481,7 +481,8 @@ def test_an_s3_store_takes_its_options_from_the_uri(s3_server) -> None:
 def run_batch(tmp_path: Path, spec: JobSpec, lines: list[bytes], during_validation=None, monkeypatch=None,
               expires_in: int = 3600, attempts: int = 0):
     """One batch through BatchWork.run up to the point where Ray Data would start: its input file in a local
-    store, its records in SQLite; `execute` is replaced by a stub that records its call. `during_validation(work,
+    store, its records in SQLite; `execute` is replaced by a stub that records its call (and the warm stages by a
+    stand-in). `during_validation(work,
     row)` runs in the job's thread right after validate(). Returns (the batch's row at the end, the store's
     names under batches/, whether execute ran)."""
     import serve_app.batch.runner as runner
@@ -490,8 +491,20 @@ def run_batch(tmp_path: Path, spec: JobSpec, lines: list[bytes], during_validati
     store = FileStore(str(tmp_path / "store"))
     executed: list[str] = []
 
-    def fake_execute(plan_path, filesystem, spec, model_name, output, errors_out, should_stop, outcome: Outcome):
-        executed.append(model_name)
+    class FakeStages:  # no Ray here: the warm stages as the runner sees them
+        alive = True
+
+        def __init__(self, spec, model_name, thread_init=None):
+            self.model_name = model_name
+
+        def reads_left(self) -> int:
+            return 1 << 30
+
+        def close(self) -> None:
+            self.alive = False
+
+    def fake_execute(stages, plan_path, filesystem, output, errors_out, should_stop, outcome: Outcome):
+        executed.append(stages.model_name)
         return outcome
 
     real_validate = runner.validate
@@ -503,6 +516,7 @@ def run_batch(tmp_path: Path, spec: JobSpec, lines: list[bytes], during_validati
         return result
 
     monkeypatch.setattr(runner, "execute", fake_execute)
+    monkeypatch.setattr(runner, "StagePipeline", FakeStages)
     monkeypatch.setattr(runner, "validate", validate_then)
 
     async def main() -> dict[str, Any]:

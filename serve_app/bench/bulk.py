@@ -16,9 +16,10 @@ one-process layout, the Batch API on, files and records in the work directory), 
   titles (sampled from /proc) tell where the time went: validation (created -> in_progress), the stages' start
   (worker processes, imports, the model's load: the actors' `__init__`), the first results, the steady rate after
   them; and the CPU seconds of each process. Each rate / bare's.
-- priority: the online /v1/embeddings p50/p99 at a closed loop of `--concurrency` clients (single-image or
-  single-text requests) for `--window` seconds without a batch, then with an image batch running (started and
-  producing results before the window, sized from the throughput part's rate to outlast it; cancelled after).
+- priority: the online /v1/embeddings p50/p99 at a fixed load (`--rate` requests/s, an open loop; or a closed loop
+  of `--concurrency` clients) of single-image or single-text requests for `--window` seconds without a batch, then
+  with an image batch running (started and producing results before the window, sized from the throughput part's
+  rate to outlast it; cancelled after); `--rounds` such pairs, the goal judged on the median of their ratios.
   The job's stages run `--niceness` above the niceness Ray starts every worker at (its `worker_niceness`, 15 by
   default, capped at 19; `--worker-niceness` sets Ray's), under SCHED_IDLE with `--idle`, with a fixed number
   of preprocessing actors. The niceness each process was seen at is reported.
@@ -72,6 +73,8 @@ class BulkSettings:
     window_s: float = 20.0
     warmup_s: float = 2.0
     concurrency: int = 2
+    rate: float | None = None  # priority: online requests/s, an open loop (None: `concurrency` clients, closed)
+    rounds: int = 1  # priority: rounds of without / with a batch
     online_payload: str = "image"  # image | text
     niceness: int = 10
     idle: bool = False  # the stages under SCHED_IDLE
@@ -249,6 +252,19 @@ def priority_summary(without: dict[str, Any], with_batch: dict[str, Any]) -> dic
             "p50_ratio": ratio(lat_b.get("p50"), lat_a.get("p50")),
             "p99_ratio": ratio(lat_b.get("p99"), lat_a.get("p99")),
             "requests_per_s_ratio": ratio(with_batch.get("requests_per_s"), without.get("requests_per_s"))}
+
+
+def rounds_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rounds' ratios and their median (the goal is judged on the median: one round's p99 is a handful of
+    requests)."""
+    import statistics
+
+    out: dict[str, Any] = {}
+    for key in ("p50_ratio", "p99_ratio", "requests_per_s_ratio"):
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        out[key + "s"] = values
+        out[key] = round(statistics.median(values), 3) if values else None
+    return out
 
 
 def priority_lines(rate: float | None, window_s: float, warmup_s: float, cap: int, floor: int = 64) -> int:
@@ -550,6 +566,9 @@ def run_throughput(settings: BulkSettings, client: BatchClient, served: str, bar
 
 def run_priority(settings: BulkSettings, client: BatchClient, server: Any, served: str, bare: Any,
                  image_rate: float | None, files: Path) -> dict[str, Any]:
+    """`--rounds` rounds of a window of online load without a batch, then one with an image batch running (the
+    batch started before the window and producing, cancelled after it): the machine's drift falls on both sides of
+    every round, and each round's ratio is its own."""
     from serve_app.bench.loadgen import Level, LoadSettings, run_load
     from serve_app.bench.payloads import ImagePayload, TextPayload
 
@@ -558,7 +577,7 @@ def run_priority(settings: BulkSettings, client: BatchClient, server: Any, serve
     else:
         payload = ImagePayload(model=served, width=settings.width, height=settings.height,
                                quality=settings.jpeg_quality, distinct=16, seed=20_000).prepare()
-    level = [Level(concurrency=settings.concurrency)]
+    level = [Level(rate=settings.rate) if settings.rate else Level(concurrency=settings.concurrency)]
 
     cpu: dict[str, Any] = {}
     niceness: dict[str, int] = {}
@@ -573,42 +592,48 @@ def run_priority(settings: BulkSettings, client: BatchClient, server: Any, serve
         niceness.update(seen["niceness_by_title"])
         return result.to_dict()
 
-    without = window("without")
     lines = priority_lines(image_rate, settings.window_s, settings.warmup_s, settings.priority_max_lines)
     path = files / "priority-image.jsonl"
     write_requests(path, served, "image", cycle(bare.images, lines), prefix="p",
                    encoding_format=settings.encoding_format)
-    uploaded = client.upload(path)
+    rounds = []
+    for number in range(1, settings.rounds + 1):
+        without = window(f"without_{number}")
+        uploaded = client.upload(path)
+        polls: list[dict[str, Any]] = []
+        started = time.perf_counter()
+        batch = client.create(uploaded["id"])
+        batch = client.poll(batch["id"], started,
+                            lambda b: b["status"] == "in_progress" and b["request_counts"]["completed"] > 0,
+                            settings.job_timeout_s, polls)
+        before = batch["request_counts"]["completed"]
+        window_started = time.perf_counter()
+        with_batch = window(f"with_batch_{number}")
+        window_s = time.perf_counter() - window_started
+        at_end = client.get(batch["id"])
+        covered = at_end["status"] == "in_progress"
+        done_in_window = at_end["request_counts"]["completed"] - before
+        after = at_end
+        if after["status"] not in TERMINAL:
+            client.cancel(batch["id"])
+            after = client.poll(batch["id"], started, lambda b: False, 300.0, polls)
+        for key in ("input_file_id", "output_file_id", "error_file_id"):
+            client.delete_file(after.get(key))
+        rounds.append({
+            "without": without, "with_batch": with_batch, "summary": priority_summary(without, with_batch),
+            "batch": {"lines": lines, "batch_id": batch["id"], "covered_window": covered,
+                      "final_status": after["status"], "started_s": round(window_started - started, 2),
+                      "completed_before_window": before,
+                      "completed_at_window_end": at_end["request_counts"]["completed"],
+                      "images_per_s_during_window": round(done_in_window / window_s, 2) if covered else None},
+        })
     path.unlink()
-    polls: list[dict[str, Any]] = []
-    started = time.perf_counter()
-    batch = client.create(uploaded["id"])
-    batch = client.poll(batch["id"], started,
-                        lambda b: b["status"] == "in_progress" and b["request_counts"]["completed"] > 0,
-                        settings.job_timeout_s, polls)
-    before = batch["request_counts"]["completed"]
-    window_started = time.perf_counter()
-    with_batch = window("with_batch")
-    window_s = time.perf_counter() - window_started
-    at_end = client.get(batch["id"])
-    covered = at_end["status"] == "in_progress"
-    done_in_window = at_end["request_counts"]["completed"] - before
-    after = at_end
-    if after["status"] not in TERMINAL:
-        client.cancel(batch["id"])
-        after = client.poll(batch["id"], started, lambda b: False, 300.0, polls)
-    for key in ("input_file_id", "output_file_id", "error_file_id"):
-        client.delete_file(after.get(key))
     return {
-        "online_payload": payload.describe(), "concurrency": settings.concurrency, "window_s": settings.window_s,
-        "niceness": settings.niceness, "preprocess_concurrency": settings.preprocess_concurrency,
-        "without": without, "with_batch": with_batch, "cpu_s_by_title": cpu,
+        "online_payload": payload.describe(), "concurrency": None if settings.rate else settings.concurrency,
+        "rate": settings.rate, "window_s": settings.window_s, "niceness": settings.niceness, "idle": settings.idle,
+        "preprocess_concurrency": settings.preprocess_concurrency, "rounds": rounds, "cpu_s_by_title": cpu,
         "niceness_seen": {title: n for title, n in niceness.items() if "ServeReplica" in title or "MapWorker" in title},
-        "batch": {"lines": lines, "batch_id": batch["id"], "covered_window": covered, "final_status": after["status"],
-                  "started_s": round(window_started - started, 2), "completed_before_window": before,
-                  "completed_at_window_end": at_end["request_counts"]["completed"],
-                  "images_per_s_during_window": round(done_in_window / window_s, 2) if covered else None},
-        "summary": priority_summary(without, with_batch),
+        "summary": rounds_summary([r["summary"] for r in rounds]),
     }
 
 
@@ -755,17 +780,26 @@ def bulk_table(report: dict[str, Any]) -> str:
             rows) + "".join(f"\n{line}" for line in lines))
     pr = report.get("priority")
     if pr:
-        rows = [[name, fmt(r["latency_ms"]["p50"]), fmt(r["latency_ms"]["p99"]), fmt(r["requests_per_s"], 2),
-                 r["ok"], ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"]
-                for name, r in (("without batch", pr["without"]), ("with batch", pr["with_batch"]))]
-        s, b = pr["summary"], pr["batch"]
-        parts.append(format_table([f"online {pr['online_payload']['kind']} x1, c={pr['concurrency']}", "p50 ms",
-                                   "p99 ms", "req/s", "ok", "errors"], rows)
-                     + f"\np99 with/without: {s['p99_ratio']}x (p50 {s['p50_ratio']}x); niceness "
-                     f"{pr['niceness']}, {pr['preprocess_concurrency']} preprocessing actor(s); batch of "
-                     f"{b['lines']} images "
-                     f"{'ran through the window' if b['covered_window'] else 'ENDED BEFORE the window did'}"
-                     f" ({b['images_per_s_during_window']} images/s during it), then {b['final_status']}"
+        rows = []
+        for number, r in enumerate(pr["rounds"], 1):
+            for name, w in (("without batch", r["without"]), ("with batch", r["with_batch"])):
+                rows.append([number, name, fmt(w["latency_ms"]["p50"]), fmt(w["latency_ms"]["p99"]),
+                             fmt(w["requests_per_s"], 2), w["ok"],
+                             ", ".join(f"{k}: {v}" for k, v in w["errors"].items()) or "0",
+                             r["summary"]["p99_ratio"] if name == "with batch" else ""])
+        load = f"{pr['rate']} req/s open loop" if pr.get("rate") else f"c={pr['concurrency']} closed loop"
+        s = pr["summary"]
+        batches = "; ".join(
+            f"round {n}: {r['batch']['lines']} images "
+            f"{'ran through the window' if r['batch']['covered_window'] else 'ENDED BEFORE the window did'} "
+            f"({r['batch']['images_per_s_during_window']} images/s), then {r['batch']['final_status']}"
+            for n, r in enumerate(pr["rounds"], 1))
+        parts.append(format_table(["round", f"online {pr['online_payload']['kind']} x1, {load}", "p50 ms",
+                                   "p99 ms", "req/s", "ok", "errors", "p99 with/without"], rows)
+                     + f"\np99 with/without, median of {len(pr['rounds'])} round(s): {s['p99_ratio']}x "
+                     f"(rounds {s['p99_ratios']}; p50 {s['p50_ratio']}x); niceness {pr['niceness']}"
+                     f"{', SCHED_IDLE' if pr.get('idle') else ''}, {pr['preprocess_concurrency']} preprocessing "
+                     f"actor(s)\n{batches}"
                      + "".join(f"\nCPU s by process, {name.replace('_', ' ')}: {top_cpu(c)}"
                                for name, c in pr.get("cpu_s_by_title", {}).items())
                      + f"\nniceness seen (0 unless listed): "

@@ -518,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     bulk.add_argument("--window", type=float, default=20.0, help="priority: seconds of each online window")
     bulk.add_argument("--warmup", type=float, default=2.0, help="priority: load before each window, seconds")
     bulk.add_argument("--concurrency", type=int, default=2, help="priority: closed-loop online clients")
+    bulk.add_argument("--rate", type=float, default=None,
+                      help="priority: online requests/s, an open loop (a fixed load; instead of --concurrency)")
+    bulk.add_argument("--rounds", type=int, default=1, help="priority: rounds of without / with a batch")
     bulk.add_argument("--online-payload", default="image", choices=["image", "text"],
                       help="priority: what one online request carries (one item)")
     bulk.add_argument("--niceness", type=int, default=10, help="the job's stages' OS niceness (0: none)")
@@ -561,7 +564,8 @@ def bulk_settings(args: argparse.Namespace) -> Any:
     return BulkSettings(
         model=None if args.tiny else args.model, pretrained=None if args.tiny else _pretrained(args.pretrained),
         threads=args.threads, images=args.images, texts=args.texts, width=width, height=height, lines=lines,
-        window_s=args.window, warmup_s=args.warmup, concurrency=args.concurrency, online_payload=args.online_payload,
+        window_s=args.window, warmup_s=args.warmup, concurrency=args.concurrency, rate=args.rate, rounds=args.rounds,
+        online_payload=args.online_payload,
         niceness=args.niceness, idle=args.idle, worker_niceness=args.worker_niceness,
         preprocess_concurrency=args.preprocess_concurrency, batch_size=args.batch_size,
         encoding_format=args.encoding_format, parts=parts, sample_s=args.sample_s,

@@ -23,14 +23,16 @@ def test_defaults_measure_vit_b_32_random_on_640x480_jpegs():
 
 def test_arguments_reach_the_settings():
     settings = _settings("--tiny", "--images", "8", "--texts", "16", "--lines", "100,500", "--window", "4",
-                         "--concurrency", "3", "--niceness", "0", "--worker-niceness", "0",
+                         "--concurrency", "3", "--niceness", "0", "--worker-niceness", "0", "--rate", "2.5",
+                         "--rounds", "3",
                          "--parts", "throughput,memory",
                          "--online-payload", "text", "--batch-size", "8", "--image-size", "320x240",
                          "--app-args", '{"batch": {"lease_s": 10}}', "--workdir", "/tmp/x")
     assert settings.model is None and settings.pretrained is None  # the tiny model is written at run time
     assert (settings.images, settings.texts, settings.lines) == (8, 16, [100, 500])
     assert (settings.window_s, settings.concurrency, settings.niceness, settings.worker_niceness) == (4.0, 3, 0, 0)
-    assert _settings().worker_niceness is None  # Ray's own default
+    assert (settings.rate, settings.rounds) == (2.5, 3)
+    assert _settings().worker_niceness is None and _settings().rate is None  # Ray's own default; a closed loop
     assert settings.parts == ["throughput", "memory"] and settings.online_payload == "text"
     assert (settings.width, settings.height, settings.batch_size) == (320, 240, 8)
     assert settings.app_args == {"batch": {"lease_s": 10}} and settings.workdir == "/tmp/x"
@@ -141,26 +143,32 @@ def test_the_printed_table_has_every_part_and_the_goals():
     jobs = {"image": bulk.batch_timing(polls, batch, 32)}
     window = {"latency_ms": {"p50": 100.0, "p99": 150.0}, "requests_per_s": 10.0, "ok": 100, "errors": {}}
     loaded = {"latency_ms": {"p50": 110.0, "p99": 180.0}, "requests_per_s": 9.0, "ok": 90, "errors": {"503": 1}}
+    batch_seen = {"lines": 500, "covered_window": True, "images_per_s_during_window": 7.5,
+                  "final_status": "cancelled"}
+    slower = {**loaded, "latency_ms": {"p50": 150.0, "p99": 300.0}}
+    rounds = [{"without": window, "with_batch": w, "summary": bulk.priority_summary(window, w), "batch": batch_seen}
+              for w in (loaded, slower, loaded)]
     row = {"lines": 100, "timing": bulk.batch_timing(polls, batch, 100), "runner_before_mib": 300.0,
            "runner_peak_mib": 320.0, "runner_growth_mib": 20.0, "job_processes_peak_mib": 900.0,
            "runner_plus_job_peak_mib": 1220.0, "job_processes": 3}
     report = {
         "throughput": {"jobs": jobs, "summary": bulk.throughput_summary(jobs, {"image": 10.0})},
-        "priority": {"online_payload": {"kind": "image"}, "concurrency": 2, "niceness": 10,
-                     "preprocess_concurrency": 1, "without": window, "with_batch": loaded,
-                     "batch": {"lines": 500, "covered_window": True, "images_per_s_during_window": 7.5,
-                               "final_status": "cancelled"},
-                     "cpu_s_by_title": {"without": {"ray::ServeReplica:clip:OpenAIIngress": 9.0},
-                                        "with_batch": {"ray::MapWorker(MapBatches(LineEncode))": 12.25}},
-                     "summary": bulk.priority_summary(window, loaded)},
+        "priority": {"online_payload": {"kind": "image"}, "concurrency": None, "rate": 3.0, "niceness": 10,
+                     "idle": True, "preprocess_concurrency": 1, "rounds": rounds,
+                     "cpu_s_by_title": {"without_1": {"ray::ServeReplica:clip:OpenAIIngress": 9.0},
+                                        "with_batch_1": {"ray::MapWorker(MapBatches(LineEncode))": 12.25}},
+                     "summary": bulk.rounds_summary([r["summary"] for r in rounds])},
         "memory": {"rows": [row, {**row, "lines": 500}], "summary": bulk.memory_summary([row, {**row, "lines": 500}])},
     }
     report["goals"] = bulk.goals(report)
     table = bulk.bulk_table(report)
     assert "0.914" in table  # 32 images in 3.5 s over bare's 10/s
-    assert "p99 with/without: 1.2x" in table and "ran through the window" in table and "503: 1" in table
+    # the median of the rounds' p99 ratios (1.2, 2.0, 1.2)
+    assert "p99 with/without, median of 3 round(s): 1.2x" in table and "[1.2, 2.0, 1.2]" in table
+    assert "3.0 req/s open loop" in table and "SCHED_IDLE" in table
+    assert "ran through the window" in table and "503: 1" in table
     assert "together 1.0x" in table
-    assert "CPU s by process, with batch: MapWorker(MapBatches(LineEncode)) 12.2" in table
+    assert "CPU s by process, with batch 1: MapWorker(MapBatches(LineEncode)) 12.2" in table
     assert [g["met"] for g in report["goals"].values()] == [True, None, True, True]
 
 

@@ -446,6 +446,10 @@ class BatchAPISettings(StrictModel):
         default=600, ge=0, description="a runner's stages (Ray Data actors: their CPUs or GPU, the model in memory) "
         "stay up this long after a batch, so the next batch does not wait for them to start",
     )
+    stall_timeout_s: float = Field(
+        default=900, gt=0, description="a run of a batch in which no row group came back from the stages for this "
+        "long fails (the attempt; the stages are started anew for the next)",
+    )
     runner: PoolSettings = Field(
         default_factory=lambda: PoolSettings(num_replicas=1, num_cpus=0.25, max_ongoing_requests=4),
         description="the BatchRunner deployment (it drives jobs; their stages are Ray Data's actors)",

@@ -18,6 +18,7 @@ and `execute`'s `should_stop` tells this module that it must stop (cancelled, ex
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,10 +38,12 @@ logger = logging.getLogger(__name__)
 
 MAX_CUSTOM_ID_CHARS = 512
 MAX_REPORTED_ERRORS = 100
-# Rows of a plan's row group, at least: the unit of work of the stages (one call of each), whose answers reach the
-# runner (and count, and can stop) a group at a time; a group ends between lines. 128 images' pixels are 19 MB at
-# 224x224. A larger encoder batch (`job.batch_size`) makes groups that large.
-PLAN_ROWS_PER_GROUP = 128
+# A plan's row group (the unit of work of the stages: one call of each, whose answers reach the runner, count and
+# can stop a group at a time) ends, within a line if need be, once it holds PLAN_IMAGES_PER_GROUP images (their
+# pixels are 19 MB at 224x224; a larger encoder batch, `job.batch_size`, makes that many) or PLAN_ROWS_PER_GROUP
+# inputs (texts cost little each: larger groups spread the stages' per-call cost over more of them).
+PLAN_IMAGES_PER_GROUP = 128
+PLAN_ROWS_PER_GROUP = 1024
 # Columns of the plan: one row per input, lines in file order, a line's inputs in order.
 PLAN_SCHEMA_FIELDS = (
     ("line", "int64"), ("custom_id", "string"), ("index", "int32"), ("count", "int32"),
@@ -118,9 +121,11 @@ class _Served:
 # ---------------------------------------------------------------- 1. validation
 
 
-def validate(lines: Iterator[bytes], spec: JobSpec, plan: Any, errors_out: Any) -> Validated:
+def validate(lines: Iterator[bytes], spec: JobSpec, plan: Any, errors_out: Any,
+             on_first_input: Callable[[str], None] | None = None) -> Validated:
     """Reads every line once; writes the plan's rows (`plan`: a pyarrow ParquetWriter) and the lines refused with
-    the online route's error (`errors_out`, a binary stream). Format errors are collected, not raised."""
+    the online route's error (`errors_out`, a binary stream). Format errors are collected, not raised.
+    `on_first_input(model)` is called at the first line that becomes work (the runner warms its stages then)."""
     import pyarrow as pa
 
     from serve_app.errors import ModelNotFound
@@ -140,7 +145,9 @@ def validate(lines: Iterator[bytes], spec: JobSpec, plan: Any, errors_out: Any) 
     seen: set[str] = set()
     rows: dict[str, list[Any]] = {name: [] for name, _ in PLAN_SCHEMA_FIELDS}
     schema = plan_schema()
+    group_images = max(PLAN_IMAGES_PER_GROUP, spec.stages.batch_size)
     group_rows = max(PLAN_ROWS_PER_GROUP, spec.stages.batch_size)
+    images_in_group = 0
 
     def flush() -> None:
         if rows["line"]:
@@ -227,6 +234,8 @@ def validate(lines: Iterator[bytes], spec: JobSpec, plan: Any, errors_out: Any) 
                 errors_out.write(_error_line(custom_id, mapped.status_code, mapped.body))
                 result.failed += 1
                 continue
+            if not result.inputs and on_first_input is not None:
+                on_first_input(name)
             result.inputs += len(inputs)
             if result.inputs > spec.max_inputs_per_batch:
                 error(number, "too_many_inputs", f"the batch has more than {spec.max_inputs_per_batch} embedding "
@@ -247,8 +256,10 @@ def validate(lines: Iterator[bytes], spec: JobSpec, plan: Any, errors_out: Any) 
                     result.token_bound += token_bound(item.text, context)
                 elif isinstance(item, ImageInput):
                     result.images += 1
-            if len(rows["line"]) >= group_rows:
-                flush()
+                    images_in_group += 1
+                if len(rows["line"]) >= group_rows or images_in_group >= group_images:  # a line may go on in
+                    images_in_group = 0                                                   # the next group
+                    flush()
     except LineTooLong as exc:
         error(exc.line, "line_too_long", str(exc))
     flush()
@@ -408,10 +419,11 @@ class LineEncode:
 
 
 def execute(stages: "StagePipeline", plan_path: str, filesystem: Any, output: Any, errors_out: Any,
-            should_stop: Callable[[], str | None], outcome: Outcome) -> Outcome:
-    """Feeds the plan's row groups to the warm stages (serve_app/batch/pipeline.py) and writes each line's answer
-    as its group comes back, in the plan's order; `outcome` counts as it goes (what was done before a stop is kept
-    and billed)."""
+            should_stop: Callable[[], str | None], outcome: Outcome, stall_s: float = 900.0) -> Outcome:
+    """Feeds the plan's row groups to the warm stages (serve_app/batch/pipeline.py), a few ahead of what came back,
+    and writes each line's answer as its rows come back, in the plan's order; `outcome` counts as it goes (what was
+    done before a stop is kept and billed). Raises when no group came back for `stall_s` (stages that are stuck:
+    an actor killed again and again, a read that never ends): the runner then lets the stages go."""
     import pyarrow.parquet as pq
 
     with filesystem.open_input_file(plan_path) as f:
@@ -419,29 +431,33 @@ def execute(stages: "StagePipeline", plan_path: str, filesystem: Any, output: An
     groups, expected = metadata.num_row_groups, metadata.num_rows
     tag = stages.new_run()
     served = _Named(stages.model_name)
-    fed = received = 0
-    pending: list[dict[str, Any]] = []  # the current line's inputs so far
-    try:
-        while received < expected:
-            stop = should_stop()
-            if stop:
-                outcome.stopped = stop
-                break
-            while fed < groups and stages.put(tag, plan_path, filesystem, fed):
-                fed += 1
-            batch = stages.take(tag, TAKE_TIMEOUT_S)
-            if batch is None:
-                continue
-            received += batch.num_rows
-            pending = _write_lines(batch, pending, served, output, errors_out, outcome)
-    finally:
-        if received < expected:
-            stages.drop_queued()
+    fed = returned = received = 0
+    progress = time.monotonic()
+    pending: list[dict[str, Any]] = []  # the rows so far of a line that the next group finishes
+    while received < expected:
+        stop = should_stop()
+        if stop:
+            outcome.stopped = stop
+            break
+        while fed < groups and fed - returned < GROUPS_AHEAD:
+            stages.put(tag, plan_path, filesystem, fed)
+            fed += 1
+        batch = stages.take(tag, TAKE_TIMEOUT_S)
+        if batch is None:
+            if time.monotonic() - progress > stall_s:
+                raise RuntimeError(f"no row group came back from the stages for {stall_s:.0f} s")
+            continue
+        progress = time.monotonic()
+        returned += 1
+        received += batch.num_rows
+        pending = _write_lines(batch, pending, served, output, errors_out, outcome)
     return outcome
 
 
 # How long `execute` waits for the stages between looks at `should_stop`.
 TAKE_TIMEOUT_S = 0.5
+# Row groups fed to the stages ahead of what came back: enough that neither stage waits for the other.
+GROUPS_AHEAD = 4
 
 
 def _write_lines(batch: "pa.Table", pending: list[dict[str, Any]], served: "_Named", output: Any, errors_out: Any,

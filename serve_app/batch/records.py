@@ -265,11 +265,13 @@ class BatchRecords:
         return await self._db(work, write=True)
 
     async def start(self, batch_id: str, runner: str, lease_s: float, **values: Any) -> dict[str, Any] | None:
-        """`validating` → `in_progress` with `values`, unless a cancel came first; the row as it is now (None:
-        the lease is not `runner`'s)."""
+        """`in_progress` with `values`, from `validating` or, for a batch run again, from where the runner that died
+        left it (`in_progress`, `finalizing`), unless a cancel came first; the row as it is now (None: the lease is
+        not `runner`'s)."""
         async def work(conn: AsyncConnection) -> dict[str, Any] | None:
             await conn.execute(sa.update(BATCHES).where(
-                BATCHES.c.id == batch_id, BATCHES.c.runner == runner, BATCHES.c.status == "validating",
+                BATCHES.c.id == batch_id, BATCHES.c.runner == runner,
+                BATCHES.c.status.in_(("validating", "in_progress", "finalizing")),
             ).values(status="in_progress", lease_until_us=_now_us() + int(lease_s * 1e6), **values))
             row = (await conn.execute(sa.select(BATCHES).where(BATCHES.c.id == batch_id,
                                                                BATCHES.c.runner == runner))).mappings().first()

@@ -9,6 +9,7 @@ results so far kept), and files past their retention are deleted.
 
 import asyncio
 import logging
+import math
 import os
 import time
 import uuid
@@ -17,7 +18,8 @@ from typing import Any
 
 from ray import serve
 
-from serve_app.batch.job import PLAN_ROWS_PER_GROUP, JobSpec, Outcome, cost, cost_bound, execute, plan_schema, validate
+from serve_app.batch.job import (PLAN_IMAGES_PER_GROUP, JobSpec, Outcome, cost, cost_bound, execute, plan_schema,
+                                 validate)
 from serve_app.batch.pipeline import READS_PER_EXECUTION, StagePipeline
 from serve_app.batch.records import BatchRecords, dumps, now_s
 from serve_app.batch.store import FileStore
@@ -128,14 +130,16 @@ class BatchWork:
         """The warm stages for `model`, started anew where there are none, they serve another model, they failed,
         or their execution has too few read tasks left for a whole batch."""
         stages = self._stages
-        most_groups = self.spec.max_inputs_per_batch // PLAN_ROWS_PER_GROUP + 2  # and the end row
+        # every group but a batch's last holds PLAN_IMAGES_PER_GROUP inputs or more
+        most_groups = math.ceil(self.spec.max_inputs_per_batch / PLAN_IMAGES_PER_GROUP) + 1
         if stages is not None and (not stages.alive or stages.model_name != model
                                    or stages.reads_left() < most_groups):
             self._close_stages()
             stages = None
         if stages is None:
-            stages = self._stages = StagePipeline(self.spec, model, thread_init=self._thread_init)
-            logger.info("batch stages for %s starting (%s per execution)", model, READS_PER_EXECUTION)
+            stages = self._stages = StagePipeline(self.spec, model, reads=max(READS_PER_EXECUTION, 4 * most_groups),
+                                                  thread_init=self._thread_init)
+            logger.info("batch stages for %s starting", model)
         return stages
 
     def _thread_init(self) -> None:
@@ -231,16 +235,15 @@ class BatchWork:
             self._call(self._fail(row, "file_not_found", "the input file was deleted before the batch ran"))
             return
         plan_name, output_name, errors_name = f"{base}/plan.parquet", f"{base}/output.jsonl", f"{base}/errors.jsonl"
-        # the stages start (or stay warm) while the file is validated: most batches name the model served first
-        self._stages_for(self._stages.model_name if self._stages is not None else self.spec.models[0].name)
         outcome: Outcome = state["outcome"]
         handed_on = False  # the outputs belong to `_end` once the run is over; else they are deleted here
         try:
             with self.store.open_output(errors_name) as errors_out:
                 with self.store.open_output(plan_name) as plan_stream:
                     writer = pq.ParquetWriter(plan_stream, plan_schema())
+                    # the stages start (or stay warm) while the rest of the file is validated
                     validated = validate(self.store.lines(source["object_name"], self.spec.max_line_bytes),
-                                         self.spec, writer, errors_out)
+                                         self.spec, writer, errors_out, on_first_input=self._stages_for)
                     writer.close()
                 if validated.errors:
                     self._call(self.records.finish(batch_id, self.id, {
@@ -267,7 +270,7 @@ class BatchWork:
                         stages = self._stages_for(validated.model)
                         try:
                             execute(stages, self.store.path(plan_name), self.store.filesystem, output, errors_out,
-                                    lambda: state["stop"], outcome)
+                                    lambda: state["stop"], outcome, self.settings.stall_timeout_s)
                         except Exception:
                             self._close_stages()  # the next batch starts them anew
                             raise
@@ -279,7 +282,11 @@ class BatchWork:
             if not handed_on:
                 self.store.delete(errors_name)
                 self.store.delete(output_name)
-        self._end(row, validated.model, outcome, state["stop"] or outcome.stopped, output_name, errors_name)
+        try:
+            self._end(row, validated.model, outcome, state["stop"] or outcome.stopped, output_name, errors_name)
+        finally:
+            if outcome.stopped:  # its row groups still in the stages are nobody's work now: they are dropped
+                self._close_stages()
 
     def _end(self, row: dict[str, Any], model: str | None, outcome: Outcome, stop: str | None, output_name: str,
              errors_name: str) -> None:

@@ -12,7 +12,7 @@ one-process layout, the Batch API on, files and records in the work directory), 
   `--images` lines (one 640x480 JPEG each, a data URI) and one of `--texts` lines (one caption each), each run as a
   batch alone, between two bare measurements of its modality (the service idle meanwhile: on a shared machine the
   load drifts within minutes). Timed from the batch's creation to `completed` as this client polls it (every
-  0.25 s), and by the job's own `in_progress_at` -> `completed_at` (whole seconds); the polls and the processes'
+  1 s), and by the job's own `in_progress_at` -> `completed_at` (whole seconds); the polls and the processes'
   titles (sampled from /proc) tell where the time went: validation (created -> in_progress), the stages' start
   (worker processes, imports, the model's load: the actors' `__init__`), the first results, the steady rate after
   them; and the CPU seconds of each process. Each rate / bare's.
@@ -47,7 +47,7 @@ from typing import Any
 PARTS = ("throughput", "priority", "memory")
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 GOALS = {"throughput_ratio_min": 0.9, "p99_ratio_max": 1.5, "memory_ratio_max": 1.2}
-POLL_S = 0.25
+POLL_S = 1.0  # as a client polls a batch (the SDK's examples poll every few seconds); each poll costs CPU
 RUNNER_MARK = "BatchRunner"
 # Ray's process titles: `ray::MapWorker(MapBatches(LinePreprocess))` for the stages' actors (`.__init__` while
 # their constructor runs, `.submit` while they work), `ray::ListFiles`, `ray::ReadFilesParquetV2` for a pooled worker

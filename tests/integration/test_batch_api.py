@@ -309,7 +309,7 @@ def test_a_batch_whose_runner_dies_is_run_again_by_the_next_runner(batch_url):
     (old_pid,) = replica_pids("BatchRunner")
     os.kill(old_pid, signal.SIGKILL)
     batch = finished(client, batch_id, timeout_s=300)
-    assert batch.status == "completed" and batch.request_counts.completed == 300, batch
+    assert batch.status == "completed" and batch.request_counts.completed == 300, batch.model_dump()
     answers = output_lines(client, batch.output_file_id)
     assert sorted(answers) == sorted(f"r{i}" for i in range(300))  # once each: the second run wrote it all
     # Serve replaced the runner (the dead one's name may linger a moment)

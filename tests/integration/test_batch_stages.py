@@ -35,9 +35,8 @@ from tests.unit.test_batch_job import make_spec
 
 args = json.loads(open(sys.argv[1]).read())
 ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
-spec = make_spec(__import__("pathlib").Path(args["model_dir"]), job={"batch_size": 4, "encoder_cpus": 0.5,
-                                                                     "preprocess_concurrency": 1,
-                                                                     "preprocess_cpus": 0.5})
+spec = make_spec(__import__("pathlib").Path(args["model_dir"]), max_inputs=256,
+                 job={"batch_size": 4, "encoder_cpus": 0.5, "preprocess_concurrency": 1, "preprocess_cpus": 0.5})
 filesystem = fs.LocalFileSystem()
 
 
@@ -100,7 +99,7 @@ result["actors_after_first"] = stage_actors()
 result["stopped"] = run(stages, "stopped", stop_after_blocks=1)
 result["after_stop"] = run(stages, "after_stop")
 result["actors_after_all"] = stage_actors()
-stages.close()
+result["closed"] = stages.close()
 import time
 deadline = time.monotonic() + 30
 while time.monotonic() < deadline and stage_actors():
@@ -130,8 +129,10 @@ def result(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, image
         # texts and images, a line of several inputs, a line with a bad image (its own error)
         "first": [_line(f"t{i}", {"input": text}) for i, text in enumerate(TEXTS)]
         + [_line("pair", {"input": TEXTS[:2]}), _line("i0", {"input": [{"image": data[0]}]}),
-           _line("bad", {"input": [{"image": base64.b64encode(b"not an image").decode()}]})],
-        # many row groups (128 rows each): stopped after the first comes back
+           _line("bad", {"input": [{"image": base64.b64encode(b"not an image").decode()}]}),
+           # more images than a row group holds: the line is cut between two groups and put together again
+           _line("wide", {"input": [{"image": data[1]}] * 140})],
+        # two row groups (1,024 texts a group): stopped after the first comes back
         "stopped": [_line(f"s{i}", {"input": f"caption number {i}"}) for i in range(1500)],
         "after_stop": [_line(f"n{i}", {"input": text}) for i, text in enumerate(TEXTS)]
         + [_line(f"ni{i}", {"input": [{"image": d}]}) for i, d in enumerate(data)],
@@ -152,15 +153,19 @@ def _vectors(run: dict) -> dict[str, list[np.ndarray]]:
 def test_a_batch_through_the_stages_has_open_clips_vectors(result: dict, reference, images) -> None:
     first = result["first"]
     vectors = _vectors(first)
-    assert (first["completed"], first["failed"], first["stopped"]) == (6, 1, None)
+    assert (first["completed"], first["failed"], first["stopped"]) == (7, 1, None)
     for i, text in enumerate(TEXTS):
         assert_same(vectors[f"t{i}"][0], expected_text(reference, text))
     assert [len(v) for v in vectors["pair"]] and len(vectors["pair"]) == 2
     assert_same(vectors["pair"][1], expected_text(reference, TEXTS[1]))
     assert_same(vectors["i0"][0], expected_image(reference, images[0]))
+    wide = vectors["wide"]
+    assert len(wide) == 140
+    for vector in (wide[0], wide[127], wide[128], wide[139]):
+        assert_same(vector, expected_image(reference, images[1]))
     (bad,) = first["errors"]
     assert bad["custom_id"] == "bad" and bad["response"]["status_code"] == 400
-    assert first["images"] == 1  # the bad image is not billed
+    assert first["images"] == 141  # the bad image is not billed
 
 
 def test_the_next_batch_runs_on_the_same_actors(result: dict) -> None:
@@ -183,4 +188,4 @@ def test_rows_of_a_stopped_batch_never_reach_the_next_one(result: dict, referenc
 
 
 def test_closing_the_stages_stops_their_actors(result: dict) -> None:
-    assert result["actors_after_close"] == []
+    assert result["closed"] and result["actors_after_close"] == []

@@ -128,6 +128,33 @@ def test_the_plan_is_written_in_row_groups_as_it_goes(spec: JobSpec) -> None:
     assert read.read().column("line").to_pylist() == [i // 2 + 1 for i in range(2 * PLAN_ROWS_PER_GROUP)]
 
 
+def test_a_row_group_ends_at_its_images_bound_within_a_line(spec: JobSpec) -> None:
+    """Images cut groups sooner than texts (their pixels are large between the stages), inside a line if need be:
+    a line of many images never makes one huge group."""
+    from serve_app.batch.job import PLAN_IMAGES_PER_GROUP
+
+    png = data_uri(encode(random_image(8, 8)))
+    lines = [req("first", {"input": "a caption"}),
+             req("many", {"input": [{"image": png}] * 60}), req("more", {"input": [{"image": png}] * 60}),
+             req("last", {"input": [{"image": png}] * 20 + ["and a caption"]})]
+    plan, errors = io.BytesIO(), io.BytesIO()
+    writer = pq.ParquetWriter(plan, plan_schema())
+    seen: list[str] = []
+    validated = validate(iter(lines), spec, writer, errors, on_first_input=seen.append)
+    writer.close()
+    read = pq.ParquetFile(io.BytesIO(plan.getvalue()))
+    sizes = [read.metadata.row_group(g).num_rows for g in range(read.metadata.num_row_groups)]
+    assert sizes == [1 + PLAN_IMAGES_PER_GROUP, 142 - (1 + PLAN_IMAGES_PER_GROUP)]  # cut in the last line
+    assert validated.images == 140 and seen == [NAME]  # the runner warms its stages at the first work
+
+
+def test_no_work_means_no_first_input(spec: JobSpec) -> None:
+    seen: list[str] = []
+    writer = pq.ParquetWriter(io.BytesIO(), plan_schema())
+    validate(iter([req("a", {"input": []}), b"{broken"]), spec, writer, io.BytesIO(), on_first_input=seen.append)
+    assert seen == []
+
+
 def test_a_line_without_a_model_uses_the_first_served_one(spec: JobSpec) -> None:
     validated, rows, _ = run(spec, [req("a", {"input": "x"}), req("b", {"input": "y", "model": NAME})])
     assert validated.model == NAME and validated.errors == [] and len(rows) == 2
@@ -479,7 +506,7 @@ def test_an_s3_store_takes_its_options_from_the_uri(s3_server) -> None:
 
 
 def run_batch(tmp_path: Path, spec: JobSpec, lines: list[bytes], during_validation=None, monkeypatch=None,
-              expires_in: int = 3600, attempts: int = 0):
+              expires_in: int = 3600, attempts: int = 0, status: str = "validating"):
     """One batch through BatchWork.run up to the point where Ray Data would start: its input file in a local
     store, its records in SQLite; `execute` is replaced by a stub that records its call (and the warm stages by a
     stand-in). `during_validation(work,
@@ -494,7 +521,7 @@ def run_batch(tmp_path: Path, spec: JobSpec, lines: list[bytes], during_validati
     class FakeStages:  # no Ray here: the warm stages as the runner sees them
         alive = True
 
-        def __init__(self, spec, model_name, thread_init=None):
+        def __init__(self, spec, model_name, reads=0, thread_init=None):
             self.model_name = model_name
 
         def reads_left(self) -> int:
@@ -503,14 +530,14 @@ def run_batch(tmp_path: Path, spec: JobSpec, lines: list[bytes], during_validati
         def close(self) -> None:
             self.alive = False
 
-    def fake_execute(stages, plan_path, filesystem, output, errors_out, should_stop, outcome: Outcome):
+    def fake_execute(stages, plan_path, filesystem, output, errors_out, should_stop, outcome: Outcome, stall_s):
         executed.append(stages.model_name)
         return outcome
 
     real_validate = runner.validate
 
-    def validate_then(lines, spec, plan, errors_out):
-        result = real_validate(lines, spec, plan, errors_out)
+    def validate_then(lines, spec, plan, errors_out, on_first_input=None):
+        result = real_validate(lines, spec, plan, errors_out, on_first_input)
         if during_validation is not None:
             during_validation(work, row)
         return result
@@ -530,7 +557,7 @@ def run_batch(tmp_path: Path, spec: JobSpec, lines: list[bytes], during_validati
                                     "object_name": "files/file-in"})
             await records.add_batch({
                 "id": "batch_1", "owner": "key_a", "endpoint": "/v1/embeddings", "input_file_id": "file-in",
-                "completion_window": "24h", "status": "validating", "metadata": None, "created_at": now,
+                "completion_window": "24h", "status": status, "metadata": None, "created_at": now,
                 "expires_at": now + expires_in, "total": 0, "completed": 0, "failed": 0, "input_tokens": 0,
                 "images": 0, "held_nano_usd": 0, "lease_until_us": 0, "attempts": attempts}, max_active=8)
             work = runner.BatchWork(BatchAPISettings(lease_s=30, poll_interval_s=0.05), spec, records, store, None)
@@ -660,3 +687,12 @@ def test_the_jobs_encoder_threads_are_its_cpus_not_the_services() -> None:
     spec = ModelSpec(model="ViT-B-32", torch_threads=8)
     assert encoder_spec(spec, EmbedSettings(encoder_cpus=2)).torch_threads == 2
     assert encoder_spec(spec, EmbedSettings(num_gpus=1)).torch_threads == 8
+
+
+@pytest.mark.parametrize("left", ["in_progress", "finalizing"])
+def test_a_batch_whose_runner_died_midway_is_run_again_whatever_step_it_was_at(tmp_path: Path, spec: JobSpec,
+                                                                               monkeypatch, left: str) -> None:
+    """A runner killed after writing `finalizing` (its answers not yet recorded) left a batch that the next runner
+    must run, not end with nothing done."""
+    final, _, executed = run_batch(tmp_path, spec, [req("a")], monkeypatch=monkeypatch, attempts=1, status=left)
+    assert executed == [NAME] and final["status"] == "completed"

@@ -19,7 +19,8 @@ one-process layout, the Batch API on, files and records in the work directory), 
 - priority: the online /v1/embeddings p50/p99 at a fixed load (`--rate` requests/s, an open loop; or a closed loop
   of `--concurrency` clients) of single-image or single-text requests for `--window` seconds without a batch, then
   with an image batch running (started and producing results before the window, sized from the throughput part's
-  rate to outlast it; cancelled after); `--rounds` such pairs, the goal judged on the median of their ratios.
+  rate to outlast it; cancelled after); `--rounds` such pairs, the goal judged on the median of their ratios. A
+  round starts once the last round's stages are gone (a cancel lets them go after the row group in hand).
   The job's stages run `--niceness` above the niceness Ray starts every worker at (its `worker_niceness`, 15 by
   default, capped at 19; `--worker-niceness` sets Ray's), under SCHED_IDLE with `--idle`, with a fixed number
   of preprocessing actors. The niceness each process was seen at is reported.
@@ -619,8 +620,12 @@ def run_priority(settings: BulkSettings, client: BatchClient, server: Any, serve
             after = client.poll(batch["id"], started, lambda b: False, 300.0, polls)
         for key in ("input_file_id", "output_file_id", "error_file_id"):
             client.delete_file(after.get(key))
+        # the next window without a batch starts once the stages are gone (a cancelled batch's stages finish the
+        # row group in hand, then stop): else it would measure their tail
+        stages_gone = wait_for_no_stages(server.process.pid, 180.0)
         rounds.append({
             "without": without, "with_batch": with_batch, "summary": priority_summary(without, with_batch),
+            "stages_gone_s": stages_gone,
             "batch": {"lines": lines, "batch_id": batch["id"], "covered_window": covered,
                       "final_status": after["status"], "started_s": round(window_started - started, 2),
                       "completed_before_window": before,
@@ -635,6 +640,18 @@ def run_priority(settings: BulkSettings, client: BatchClient, server: Any, serve
         "niceness_seen": {title: n for title, n in niceness.items() if "ServeReplica" in title or "MapWorker" in title},
         "summary": rounds_summary([r["summary"] for r in rounds]),
     }
+
+
+def wait_for_no_stages(root_pid: int, timeout_s: float) -> float | None:
+    """Seconds until no process of a batch's stages (`MapWorker(...)`) is left under `root_pid`; None: still some
+    after `timeout_s`."""
+    started = time.perf_counter()
+    sampler = RssSampler(root_pid)
+    while time.perf_counter() - started < timeout_s:
+        if not any("MapWorker(" in title for _, title, _, _ in sampler.sample()):
+            return round(time.perf_counter() - started, 1)
+        time.sleep(0.5)
+    return None
 
 
 def run_memory(settings: BulkSettings, client: BatchClient, server: Any, served: str,
@@ -792,7 +809,8 @@ def bulk_table(report: dict[str, Any]) -> str:
         batches = "; ".join(
             f"round {n}: {r['batch']['lines']} images "
             f"{'ran through the window' if r['batch']['covered_window'] else 'ENDED BEFORE the window did'} "
-            f"({r['batch']['images_per_s_during_window']} images/s), then {r['batch']['final_status']}"
+            f"({r['batch']['images_per_s_during_window']} images/s), then {r['batch']['final_status']}, its stages "
+            f"gone {r.get('stages_gone_s')} s after"
             for n, r in enumerate(pr["rounds"], 1))
         parts.append(format_table(["round", f"online {pr['online_payload']['kind']} x1, {load}", "p50 ms",
                                    "p99 ms", "req/s", "ok", "errors", "p99 with/without"], rows)

@@ -396,10 +396,10 @@ class LineEncode:
             rows = np.flatnonzero(ok & (kinds == kind))
             if not len(rows):
                 continue
+            shape = (3, *self.core.image_size)
             for start in range(0, len(rows), self.batch_size):  # forward passes of at most batch_size rows
                 chunk = rows[start:start + self.batch_size]
                 if kind == "image":
-                    shape = (3, *self.core.image_size)
                     data = torch.from_numpy(np.stack([np.frombuffer(work[i], dtype=np.uint8).reshape(shape)
                                                       for i in chunk]))
                     self.core.check_pixels(data)

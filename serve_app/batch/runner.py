@@ -14,6 +14,7 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from ray import serve
@@ -78,8 +79,9 @@ class BatchWork:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Jobs run on a thread of their own, at the job's priority (Linux's is per thread): no other work of the
         # runner's inherits it.
+        self._at_job_priority = partial(_job_thread, settings.job.niceness, settings.job.idle)
         self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-job",
-                                        initializer=_job_thread, initargs=(settings.job.niceness, settings.job.idle))
+                                        initializer=self._at_job_priority)
         self._last_sweep = -float("inf")
         self._stages: StagePipeline | None = None  # warm between batches; used on the job thread only
 
@@ -138,12 +140,9 @@ class BatchWork:
             stages = None
         if stages is None:
             stages = self._stages = StagePipeline(self.spec, model, reads=max(READS_PER_EXECUTION, 4 * most_groups),
-                                                  thread_init=self._thread_init)
+                                                  thread_init=self._at_job_priority)
             logger.info("batch stages for %s starting", model)
         return stages
-
-    def _thread_init(self) -> None:
-        _job_thread(self.settings.job.niceness, self.settings.job.idle)
 
     def _close_stages(self) -> None:
         stages, self._stages = self._stages, None
@@ -237,6 +236,7 @@ class BatchWork:
         plan_name, output_name, errors_name = f"{base}/plan.parquet", f"{base}/output.jsonl", f"{base}/errors.jsonl"
         outcome: Outcome = state["outcome"]
         handed_on = False  # the outputs belong to `_end` once the run is over; else they are deleted here
+        stopped_midway = False  # the run stopped with row groups in the stages: they are let go after `_end`
         try:
             with self.store.open_output(errors_name) as errors_out:
                 with self.store.open_output(plan_name) as plan_stream:
@@ -271,6 +271,7 @@ class BatchWork:
                         try:
                             execute(stages, self.store.path(plan_name), self.store.filesystem, output, errors_out,
                                     lambda: state["stop"], outcome, self.settings.stall_timeout_s)
+                            stopped_midway = outcome.stopped is not None
                         except Exception:
                             self._close_stages()  # the next batch starts them anew
                             raise
@@ -285,7 +286,7 @@ class BatchWork:
         try:
             self._end(row, validated.model, outcome, state["stop"] or outcome.stopped, output_name, errors_name)
         finally:
-            if outcome.stopped:  # its row groups still in the stages are nobody's work now: they are dropped
+            if stopped_midway:  # its row groups still in the stages are nobody's work now: they are dropped
                 self._close_stages()
 
     def _end(self, row: dict[str, Any], model: str | None, outcome: Outcome, stop: str | None, output_name: str,
